@@ -1,0 +1,70 @@
+# lbctl: every install step lives here, idempotent, and fast when already done.
+#   make demo   - install what is needed, build the lab, run the agent, show the spread and the maps
+#   make test   - install what is needed, run the whole suite (as root)
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+KVER      := $(shell uname -r)
+KDIR      := /lib/modules/$(KVER)
+APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 iptables nftables ipset conntrack
+DEMO_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: help setup apt-deps kernel-headers venv demo test test-unit bench-quick lint clean
+
+help:
+	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
+	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
+	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
+	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
+
+setup: apt-deps kernel-headers venv
+
+# Debian packages. bcc comes from Debian (python3-bpfcc/libbpfcc); the PyPI "bcc" is unrelated.
+apt-deps:
+	@missing=""; for p in $(APT_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo ">> apt-get install$$missing"; \
+	  if [ "$$(id -u)" != 0 ]; then echo "error: need root to install:$$missing" >&2; exit 1; fi; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing \
+	  || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$missing; }; \
+	fi
+
+# bcc compiles C against /lib/modules/$(uname -r)/build. When the running kernel has no headers
+# package (a cloud or custom kernel), expose Debian's linux-headers-amd64 tree there: the -amd64
+# tree as build/, the -common tree as source/. Real headers, if present, are never touched.
+kernel-headers: apt-deps
+	@if [ -e $(KDIR)/build/include/linux/kconfig.h ] || [ -e $(KDIR)/build/include/generated/autoconf.h ]; then exit 0; fi; \
+	amd64=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1); \
+	common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -n1); \
+	if [ -z "$$amd64" ] || [ -z "$$common" ]; then \
+	  echo "error: no kernel headers for bcc: install linux-headers-amd64 (apt-get install linux-headers-amd64)" >&2; exit 1; fi; \
+	echo ">> exposing $$amd64 as $(KDIR)/build and $$common as $(KDIR)/source"; \
+	mkdir -p $(KDIR) && ln -sfn $$amd64 $(KDIR)/build && ln -sfn $$common $(KDIR)/source
+
+# Debian's python3 (the one python3-bpfcc is built for), with system site-packages so bcc is seen.
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: pyproject.toml | apt-deps
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -c 'import bcc, cffi, pyroute2, yaml' || { echo "error: bcc (python3-bpfcc) not importable from $(VENV)" >&2; exit 1; }
+	touch $@
+
+demo: setup
+	$(VENV)/bin/lbctl demo $(if $(KEEP),--keep) $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-unit: venv
+	$(PY) -m pytest -q -m 'not root' $(PYTEST_ARGS)
+
+bench-quick: setup
+	$(VENV)/bin/lbctl bench --services 10,100000 --plot out/bench-quick.png
+
+clean:
+	rm -rf $(VENV) *.egg-info out .pytest_cache

@@ -1,0 +1,240 @@
+/* lbctl_tc.c: ClusterIP load balancing at tc ingress of the links pod traffic enters the
+ * node by (host side of pod veths).
+ *
+ *   client -> VIP:port     service hit: pick a backend (uniform random among the slots, as
+ *                          kube-proxy's `statistic --mode random` chains), remember it in
+ *                          lb_ct, DNAT to the backend.
+ *   backend -> client      reply of a tracked flow: rewrite the source back to VIP:port.
+ *   anything else          passed untouched (TC_ACT_OK), counted in lb_global_stats.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/pkt_cls.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/icmp.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/udp.h>
+#include <linux/stddef.h>
+
+#include "lbctl_shared.h"
+#include "lbctl_maps.h"
+#include "lbctl_parse.h"
+#include "lbctl_nat.h"
+
+static __always_inline void lb_count(__u32 index)
+{
+	__u64 *value = lb_global_stats.lookup(&index);
+
+	if (value)
+		*value += 1;
+}
+
+static __always_inline void lb_stats_add(struct lb_stats *stats, __u32 bytes, int new_flow)
+{
+	if (!stats)
+		return;
+	stats->packets += 1;
+	stats->bytes += bytes;
+	stats->flows += new_flow;
+}
+
+static __always_inline __u64 lb_ct_lifetime(const struct lb_packet *pkt)
+{
+	__u64 seconds = LB_CT_LIFETIME_NONTCP;
+
+	if (pkt->proto == IPPROTO_TCP)
+		seconds = (pkt->tcp_flags & (LB_TCP_FIN | LB_TCP_RST)) ? LB_CT_LIFETIME_CLOSING
+								       : LB_CT_LIFETIME_TCP;
+	return seconds * 1000000000ULL;
+}
+
+/* Extends a live entry's lifetime, writing to the map at most once per LB_CT_REFRESH_NS so
+ * established flows do not dirty a shared cache line on every packet. */
+static __always_inline void lb_ct_touch(struct lb_ct_value *ct, const struct lb_packet *pkt,
+					__u64 now)
+{
+	int closing = pkt->tcp_flags & (LB_TCP_FIN | LB_TCP_RST);
+
+	if (closing && !(ct->flags & LB_CT_F_CLOSING)) {
+		ct->flags |= LB_CT_F_CLOSING;
+		ct->expires = now + lb_ct_lifetime(pkt);
+		ct->refreshed = now;
+	} else if (!(ct->flags & LB_CT_F_CLOSING) && now - ct->refreshed > LB_CT_REFRESH_NS) {
+		ct->expires = now + lb_ct_lifetime(pkt);
+		ct->refreshed = now;
+	}
+}
+
+/* A tracked flow keeps its backend while that backend still exists with the same address:
+ * a deleted endpoint (or a recycled id) makes the flow choose again, so UDP flows never keep
+ * going to a deleted backend (kube-proxy's stale-conntrack bug). A SYN on a closed tuple or
+ * an expired entry starts a new flow. */
+static __always_inline struct lb_backend *lb_ct_backend(struct lb_ct_value *ct,
+							const struct lb_packet *pkt, __u64 now)
+{
+	struct lb_backend *backend;
+	__u32 id = ct->backend_id;
+
+	if (now > ct->expires)
+		return NULL;
+	if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN &&
+	    (ct->flags & LB_CT_F_CLOSING))
+		return NULL;
+	backend = lb_backends.lookup(&id);
+	if (!backend || backend->address != ct->nat_address || backend->port != ct->nat_port)
+		return NULL;
+	return backend;
+}
+
+static __always_inline struct lb_backend *lb_select_backend(const struct lb_service_key *frontend,
+							    const struct lb_service_value *svc,
+							    __u32 *backend_id)
+{
+	struct lb_service_key key = *frontend;
+	struct lb_service_value *slot;
+
+	/* Uniform over slots 1..count: the modulo bias is below count / 2^32. */
+	key.backend_slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	slot = lb_services.lookup(&key);
+	if (!slot)
+		return NULL;
+	*backend_id = slot->backend_id;
+	return lb_backends.lookup(backend_id);
+}
+
+static __always_inline int lb_ct_create(const struct lb_packet *pkt, const struct lb_backend *backend,
+					__u32 backend_id, __u32 service_id, __u64 now)
+{
+	struct lb_ct_key key = {};
+	struct lb_ct_value value = {};
+
+	value.expires = now + lb_ct_lifetime(pkt);
+	value.refreshed = now;
+	value.service_id = service_id;
+	value.backend_id = backend_id;
+
+	/* The reply entry first: once the forward entry exists, replies must be translatable. */
+	key.saddr = backend->address;
+	key.daddr = pkt->saddr;
+	key.sport = backend->port;
+	key.dport = pkt->sport;
+	key.proto = pkt->proto;
+	key.dir = LB_CT_REPLY;
+	value.nat_address = pkt->daddr;
+	value.nat_port = pkt->dport;
+	if (lb_ct.update(&key, &value) < 0)
+		return -1;
+
+	key.saddr = pkt->saddr;
+	key.daddr = pkt->daddr;
+	key.sport = pkt->sport;
+	key.dport = pkt->dport;
+	key.dir = LB_CT_FORWARD;
+	value.nat_address = backend->address;
+	value.nat_port = backend->port;
+	return lb_ct.update(&key, &value);
+}
+
+static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct lb_packet *pkt,
+					     const struct lb_service_key *frontend,
+					     const struct lb_service_value *svc)
+{
+	struct lb_ct_key key = {
+		.saddr = pkt->saddr, .daddr = pkt->daddr, .sport = pkt->sport,
+		.dport = pkt->dport, .proto = pkt->proto, .dir = LB_CT_FORWARD,
+	};
+	struct lb_backend *backend = NULL;
+	struct lb_ct_value *ct;
+	__u32 backend_id = 0;
+	__u32 service_id = svc->service_id;
+	__u64 now = bpf_ktime_get_ns();
+	int new_flow = 0;
+
+	ct = lb_ct.lookup(&key);
+	if (ct) {
+		backend = lb_ct_backend(ct, pkt, now);
+		if (backend) {
+			backend_id = ct->backend_id;
+			lb_ct_touch(ct, pkt, now);
+			lb_count(LB_STAT_SVC_CT_HIT);
+		} else {
+			lb_count(LB_STAT_SVC_RESELECT);
+		}
+	}
+	if (!backend) {
+		if (svc->count == 0) {
+			lb_count(LB_STAT_NO_BACKEND);
+			lb_stats_add(lb_service_stats.lookup(&service_id), skb->len, 0);
+			return pkt->proto == IPPROTO_TCP ? lb_reject_tcp(skb, pkt)
+							 : lb_reject_udp(skb, pkt);
+		}
+		backend = lb_select_backend(frontend, svc, &backend_id);
+		if (!backend) {
+			lb_count(LB_STAT_NO_BACKEND);
+			return TC_ACT_SHOT;
+		}
+		if (lb_ct_create(pkt, backend, backend_id, svc->service_id, now) < 0)
+			lb_count(LB_STAT_CT_FULL);
+		lb_count(LB_STAT_SVC_NEW_FLOW);
+		new_flow = 1;
+	}
+	lb_stats_add(lb_service_stats.lookup(&service_id), skb->len, new_flow);
+	lb_stats_add(lb_backend_stats.lookup(&backend_id), skb->len, new_flow);
+	if (lb_nat_rewrite(skb, pkt, 0, backend->address, backend->port) < 0) {
+		lb_count(LB_STAT_NAT_FAILED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
+static __always_inline int lb_reply_packet(struct __sk_buff *skb, const struct lb_packet *pkt,
+					   struct lb_ct_value *ct)
+{
+	lb_ct_touch(ct, pkt, bpf_ktime_get_ns());
+	if (lb_nat_rewrite(skb, pkt, 1, ct->nat_address, ct->nat_port) < 0) {
+		lb_count(LB_STAT_NAT_FAILED);
+		return TC_ACT_SHOT;
+	}
+	lb_count(LB_STAT_REVNAT);
+	return TC_ACT_OK;
+}
+
+static __always_inline int lb_process_packet(struct __sk_buff *skb)
+{
+	struct lb_packet pkt = {};
+	struct lb_service_key frontend = {};
+	struct lb_service_value *svc;
+	struct lb_ct_key reply = {};
+	struct lb_ct_value *ct;
+	int verdict = lb_parse(skb, &pkt);
+
+	if (verdict != LB_PARSE_OK) {
+		lb_count(verdict);
+		return TC_ACT_OK;
+	}
+	frontend.address = pkt.daddr;
+	frontend.dport = pkt.dport;
+	frontend.proto = pkt.proto;
+	frontend.scope = LB_SCOPE_EXTERNAL;
+	svc = lb_services.lookup(&frontend);
+	if (svc)
+		return lb_service_packet(skb, &pkt, &frontend, svc);
+
+	reply.saddr = pkt.saddr;
+	reply.daddr = pkt.daddr;
+	reply.sport = pkt.sport;
+	reply.dport = pkt.dport;
+	reply.proto = pkt.proto;
+	reply.dir = LB_CT_REPLY;
+	ct = lb_ct.lookup(&reply);
+	if (ct)
+		return lb_reply_packet(skb, &pkt, ct);
+	lb_count(LB_STAT_PASS_NO_SERVICE);
+	return TC_ACT_OK;
+}
+
+int lb_tc_ingress(struct __sk_buff *skb)
+{
+	return lb_process_packet(skb);
+}

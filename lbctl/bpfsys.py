@@ -1,0 +1,231 @@
+"""The few bpf(2) calls lbctl needs, through libbpf (the one libbcc links against).
+
+Everything here works on file descriptors of maps and programs, so the same code serves the
+agent (maps it created through bcc), `lbctl dump maps` in another process (maps opened from
+their pins) and the BPF_PROG_TEST_RUN harness. libbpf >= 1.0 returns -errno.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+from dataclasses import dataclass
+
+_libbpf = ctypes.CDLL(ctypes.util.find_library("bpf") or "libbpf.so.1", use_errno=True)
+
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+MAP_TYPE_HASH = 1
+MAP_TYPE_ARRAY = 2
+MAP_TYPE_PERCPU_HASH = 5
+MAP_TYPE_PERCPU_ARRAY = 6
+MAP_TYPE_LRU_HASH = 9
+MAP_TYPE_LRU_PERCPU_HASH = 10
+PERCPU_TYPES = {MAP_TYPE_PERCPU_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_PERCPU_HASH}
+
+
+class BpfError(OSError):
+    pass
+
+
+def _check(ret: int, what: str) -> int:
+    if ret < 0:
+        code = -ret if ret != -1 else ctypes.get_errno()
+        raise BpfError(code, f"{what}: {os.strerror(code)}")
+    return ret
+
+
+for _name, _args in {
+    "bpf_obj_get": [ctypes.c_char_p],
+    "bpf_obj_pin": [ctypes.c_int, ctypes.c_char_p],
+    "bpf_map_lookup_elem": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p],
+    "bpf_map_update_elem": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64],
+    "bpf_map_delete_elem": [ctypes.c_int, ctypes.c_void_p],
+    "bpf_map_get_next_key": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p],
+    "bpf_obj_get_info_by_fd": [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32)],
+    "bpf_prog_test_run_opts": [ctypes.c_int, ctypes.c_void_p],
+    "bpf_map_update_batch": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p],
+}.items():
+    getattr(_libbpf, _name).argtypes = _args
+    getattr(_libbpf, _name).restype = ctypes.c_int
+
+
+class _MapInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("key_size", ctypes.c_uint32),
+                ("value_size", ctypes.c_uint32), ("max_entries", ctypes.c_uint32),
+                ("map_flags", ctypes.c_uint32), ("name", ctypes.c_char * 16),
+                ("_rest", ctypes.c_uint8 * 128)]
+
+
+@dataclass(frozen=True)
+class MapInfo:
+    type: int
+    id: int
+    key_size: int
+    value_size: int
+    max_entries: int
+    name: str
+
+
+def possible_cpus() -> int:
+    """Number of possible CPUs, the stride of per-CPU map values (not os.cpu_count())."""
+    text = open("/sys/devices/system/cpu/possible").read().strip()
+    count = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        count += int(hi or lo) - int(lo) + 1
+    return count
+
+
+def obj_get(path: str) -> int:
+    return _check(_libbpf.bpf_obj_get(path.encode()), f"open pinned {path}")
+
+
+def obj_pin(fd: int, path: str) -> None:
+    _check(_libbpf.bpf_obj_pin(fd, path.encode()), f"pin {path}")
+
+
+def map_info(fd: int) -> MapInfo:
+    info = _MapInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "map info")
+    return MapInfo(info.type, info.id, info.key_size, info.value_size, info.max_entries,
+                   info.name.decode(errors="replace"))
+
+
+class BpfMap:
+    """A map by file descriptor: bytes in, bytes out. Per-CPU values come back as a list."""
+
+    def __init__(self, fd: int, name: str = "", owned: bool = True):
+        self.fd = fd
+        self.info = map_info(fd)
+        self.name = name or self.info.name
+        self._owned = owned
+        self.percpu = self.info.type in PERCPU_TYPES
+        self._stride = (self.info.value_size + 7) // 8 * 8
+        self._ncpu = possible_cpus() if self.percpu else 1
+        self._value_len = self._stride * self._ncpu if self.percpu else self.info.value_size
+
+    @classmethod
+    def open_pinned(cls, path: str) -> "BpfMap":
+        return cls(obj_get(path), os.path.basename(path))
+
+    def close(self) -> None:
+        if self._owned and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _key(self, key: bytes):
+        if len(key) != self.info.key_size:
+            raise ValueError(f"{self.name}: key of {len(key)} bytes, map wants {self.info.key_size}")
+        return ctypes.create_string_buffer(key, len(key))
+
+    def lookup(self, key: bytes) -> bytes | list[bytes] | None:
+        buf = ctypes.create_string_buffer(self._value_len)
+        ret = _libbpf.bpf_map_lookup_elem(self.fd, self._key(key), buf)
+        if ret == -errno.ENOENT:
+            return None
+        _check(ret, f"lookup in {self.name}")
+        raw = buf.raw
+        if self.percpu:
+            return [raw[i * self._stride:i * self._stride + self.info.value_size]
+                    for i in range(self._ncpu)]
+        return raw
+
+    def update(self, key: bytes, value: bytes | list[bytes], flags: int = BPF_ANY) -> None:
+        if self.percpu:
+            values = value if isinstance(value, list) else [value] * self._ncpu
+            value = b"".join(v.ljust(self._stride, b"\0") for v in values)
+        if len(value) != self._value_len:
+            raise ValueError(f"{self.name}: value of {len(value)} bytes, map wants {self._value_len}")
+        _check(_libbpf.bpf_map_update_elem(self.fd, self._key(key),
+                                           ctypes.create_string_buffer(value, len(value)), flags),
+               f"update {self.name}")
+
+    def update_batch(self, items: list[tuple[bytes, bytes]]) -> None:
+        """Many updates in one syscall (hash maps); falls back to one by one."""
+        if not items or self.percpu:
+            for k, v in items:
+                self.update(k, v)
+            return
+        keys = b"".join(k for k, _ in items)
+        values = b"".join(v for _, v in items)
+        count = ctypes.c_uint32(len(items))
+        ret = _libbpf.bpf_map_update_batch(self.fd, ctypes.create_string_buffer(keys, len(keys)),
+                                           ctypes.create_string_buffer(values, len(values)),
+                                           ctypes.byref(count), None)
+        if ret in (-errno.EINVAL, -524):  # 524: ENOTSUPP, kernel without batch ops for this map
+            for k, v in items:
+                self.update(k, v)
+            return
+        _check(ret, f"batch update {self.name}")
+
+    def delete(self, key: bytes) -> bool:
+        ret = _libbpf.bpf_map_delete_elem(self.fd, self._key(key))
+        if ret == -errno.ENOENT:
+            return False
+        _check(ret, f"delete from {self.name}")
+        return True
+
+    def keys(self):
+        size = self.info.key_size
+        prev = None
+        nxt = ctypes.create_string_buffer(size)
+        while True:
+            ret = _libbpf.bpf_map_get_next_key(self.fd, prev, nxt)
+            if ret == -errno.ENOENT:
+                return
+            _check(ret, f"iterate {self.name}")
+            key = nxt.raw
+            yield key
+            prev = ctypes.create_string_buffer(key, size)
+
+    def items(self):
+        for key in list(self.keys()):
+            value = self.lookup(key)
+            if value is not None:
+                yield key, value
+
+
+@dataclass
+class TestRunResult:
+    retval: int
+    data: bytes
+    duration_ns: int
+
+
+class _TestRunOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("data_in", ctypes.c_void_p), ("data_out", ctypes.c_void_p),
+                ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+                ("ctx_in", ctypes.c_void_p), ("ctx_out", ctypes.c_void_p),
+                ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+                ("retval", ctypes.c_uint32), ("repeat", ctypes.c_int), ("duration", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32)]
+
+
+def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ctx: bytes | None = None) -> TestRunResult:
+    """Runs a program once (or `repeat` times) on a packet through BPF_PROG_TEST_RUN.
+
+    `duration_ns` is the kernel's average per run, measured around the program alone."""
+    data_in = ctypes.create_string_buffer(packet, len(packet))
+    data_out = ctypes.create_string_buffer(len(packet) + 256)
+    opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
+                        data_out=ctypes.addressof(data_out), data_size_in=len(packet),
+                        data_size_out=len(data_out), repeat=repeat)
+    ctx_buf = None
+    if ctx is not None:
+        ctx_buf = ctypes.create_string_buffer(ctx, len(ctx))
+        opts.ctx_in = ctypes.addressof(ctx_buf)
+        opts.ctx_size_in = len(ctx)
+    _check(_libbpf.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
+    return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)

@@ -1,0 +1,263 @@
+"""Desired state -> map contents: diff against what the maps hold, write in a safe order.
+
+The reconciler keeps a mirror of what it believes the maps hold, restored from the maps
+themselves at start (so a restarted agent keeps the same service and backend ids and moves no
+flow) and after any failed write (a full resync, as kube-proxy falls back to). Writes follow
+Cilium's order, in which a packet never sees a half-made service:
+
+  1. new backends (lb_backends), so every id a slot will name exists;
+  2. per changed service: backend slots 1..n, then the frontend (slot 0, holding the count)
+     last, then slots beyond the new count;
+  3. removed services: the frontend first (no new packet selects it), then its slots;
+  4. backends no longer named by any slot.
+
+Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`` or
+``FakeMap``), so this whole module is tested without root.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from . import shared
+from .model import Backend, DesiredState, Frontend, Protocol, ServiceEntry
+
+log = logging.getLogger(__name__)
+
+SERVICES, BACKENDS = "lb_services", "lb_backends"
+SERVICE_STATS, BACKEND_STATS = "lb_service_stats", "lb_backend_stats"
+
+
+class FakeMap:
+    """An in-memory map with BpfMap's interface; `fail_on` injects a failure for tests."""
+
+    def __init__(self, name: str = "fake", max_entries: int = 1 << 20, percpu: bool = False):
+        self.name = name
+        self.max_entries = max_entries
+        self.percpu = percpu
+        self.data: dict[bytes, bytes] = {}
+        self.log: list[tuple[str, bytes]] = []   # ("update"|"delete", key), in order
+        self.fail_on: set[tuple[str, bytes]] = set()
+
+    def lookup(self, key: bytes):
+        value = self.data.get(key)
+        return [value] if self.percpu and value is not None else value
+
+    def update(self, key: bytes, value, flags: int = 0) -> None:
+        if ("update", key) in self.fail_on:
+            raise OSError(28, f"injected failure updating {self.name}")
+        if key not in self.data and len(self.data) >= self.max_entries:
+            raise OSError(7, f"{self.name} is full")
+        self.data[key] = value[0] if isinstance(value, list) else value
+        self.log.append(("update", key))
+
+    def delete(self, key: bytes) -> bool:
+        if ("delete", key) in self.fail_on:
+            raise OSError(5, f"injected failure deleting from {self.name}")
+        self.log.append(("delete", key))
+        return self.data.pop(key, None) is not None
+
+    def items(self):
+        for key, value in list(self.data.items()):
+            yield key, [value] if self.percpu else value
+
+
+@dataclass(frozen=True)
+class ProgrammedService:
+    frontend: Frontend
+    service_id: int
+    backend_ids: tuple[int, ...]   # slot i+1 holds backend_ids[i]
+
+
+@dataclass
+class SyncResult:
+    added: int = 0
+    updated: int = 0
+    removed: int = 0
+    backends_added: int = 0
+    backends_removed: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.added or self.updated or self.removed or self.backends_added
+                    or self.backends_removed)
+
+    def __str__(self) -> str:
+        return (f"services +{self.added} ~{self.updated} -{self.removed}, "
+                f"backends +{self.backends_added} -{self.backends_removed}"
+                + (f", {len(self.errors)} error(s)" if self.errors else ""))
+
+
+class IdAllocator:
+    """Smallest free id in 1..limit-1 (0 means "none" in the maps)."""
+
+    def __init__(self, limit: int, name: str):
+        self.limit = limit
+        self.name = name
+        self.used: set[int] = set()
+        self._next = 1
+
+    def take(self, value: int) -> None:
+        self.used.add(value)
+
+    def allocate(self) -> int:
+        for _ in range(self.limit):
+            candidate = self._next
+            self._next = self._next + 1 if self._next + 1 < self.limit else 1
+            if candidate not in self.used:
+                self.used.add(candidate)
+                return candidate
+        raise OSError(28, f"no free {self.name} id: all {self.limit - 1} in use (raise the map size)")
+
+    def release(self, value: int) -> None:
+        self.used.discard(value)
+
+
+def _frontend_key(f: Frontend, slot: int = 0) -> bytes:
+    return shared.service_key(f.address, f.port, f.protocol.number, slot)
+
+
+class Reconciler:
+    def __init__(self, maps: dict, max_services: int, max_backends: int):
+        self.maps = maps
+        self.max_services = max_services
+        self.max_backends = max_backends
+        self.restore()
+
+    # --- state recovered from the maps ----------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuilds the mirror from the maps: what a restarted agent finds is what it keeps."""
+        self.backend_ids: dict[Backend, int] = {}
+        self.service_ids = IdAllocator(self.max_services, "service")
+        self.backend_alloc = IdAllocator(self.max_backends, "backend")
+        self.services: dict[Frontend, ProgrammedService] = {}
+        for key, value in self.maps[BACKENDS].items():
+            b = shared.view("lb_backend", value)
+            backend_id = shared.parse_u32(key)
+            backend = Backend(shared.from_be32(b.address), shared.from_be16(b.port),
+                              Protocol.from_number(b.proto))
+            self.backend_ids[backend] = backend_id
+            self.backend_alloc.take(backend_id)
+        frontends: dict[Frontend, tuple[int, int]] = {}
+        slots: dict[Frontend, dict[int, int]] = {}
+        for key, value in self.maps[SERVICES].items():
+            k = shared.view("lb_service_key", key)
+            v = shared.view("lb_service_value", value)
+            fe = Frontend(shared.from_be32(k.address), shared.from_be16(k.dport),
+                          Protocol.from_number(k.proto))
+            if k.backend_slot == 0:
+                frontends[fe] = (v.service_id, v.count)
+            else:
+                slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
+        for fe, (service_id, count) in frontends.items():
+            have = slots.get(fe, {})
+            ids = tuple(have.get(i, 0) for i in range(1, count + 1))
+            self.services[fe] = ProgrammedService(fe, service_id, ids)
+            self.service_ids.take(service_id)
+        # Slots beyond a frontend's count, or without a frontend, are leftovers of an
+        # interrupted sync: remember them so the next sync deletes them.
+        self._stale_slots = [
+            (fe, slot) for fe, have in slots.items() for slot in have
+            if slot > len(self.services.get(fe, ProgrammedService(fe, 0, ())).backend_ids)
+        ]
+        self.dirty = False
+
+    # --- the sync ----------------------------------------------------------------------------------
+
+    def sync(self, desired: DesiredState, names: dict | None = None) -> SyncResult:
+        """Makes the maps hold `desired`. Any failure leaves the maps valid (never a
+        half-made service) and makes the next sync start from a fresh read of the maps."""
+        if self.dirty:
+            log.warning("previous sync failed: re-reading the maps for a full resync")
+            self.restore()
+        result = SyncResult()
+        try:
+            self._sync(desired, result)
+        except OSError as exc:
+            self.dirty = True
+            result.errors.append(str(exc))
+            log.error("sync failed, will resync from the maps: %s", exc)
+        return result
+
+    def _sync(self, desired: DesiredState, result: SyncResult) -> None:
+        services, backends = self.maps[SERVICES], self.maps[BACKENDS]
+
+        # 1. backends every desired service needs
+        for backend in sorted(desired.backends - self.backend_ids.keys()):
+            backend_id = self.backend_alloc.allocate()
+            self._zero(BACKEND_STATS, backend_id)
+            backends.update(shared.u32(backend_id),
+                            shared.backend_value(backend.address, backend.port,
+                                                 backend.protocol.number))
+            self.backend_ids[backend] = backend_id
+            result.backends_added += 1
+
+        # 2. new and changed services: slots, then the frontend, then surplus slots
+        for fe in sorted(desired.services):
+            entry = desired.services[fe]
+            ids = tuple(self.backend_ids[b] for b in entry.backends)
+            old = self.services.get(fe)
+            if old is not None and old.backend_ids == ids:
+                continue
+            if old is None:
+                service_id = self.service_ids.allocate()
+                self._zero(SERVICE_STATS, service_id)
+            else:
+                service_id = old.service_id
+            old_ids = old.backend_ids if old else ()
+            for slot, backend_id in enumerate(ids, start=1):
+                if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
+                    services.update(_frontend_key(fe, slot),
+                                    shared.service_value(backend_id=backend_id, service_id=service_id))
+            services.update(_frontend_key(fe, 0),
+                            shared.service_value(count=len(ids), service_id=service_id,
+                                                 flags=shared.const("LB_SVC_F_CLUSTERIP")))
+            self.services[fe] = ProgrammedService(fe, service_id, ids)
+            for slot in range(len(ids) + 1, len(old_ids) + 1):
+                services.delete(_frontend_key(fe, slot))
+            if old is None:
+                result.added += 1
+            else:
+                result.updated += 1
+
+        # 3. services no longer wanted: frontend first, then slots
+        for fe in sorted(self.services.keys() - desired.services.keys()):
+            old = self.services[fe]
+            services.delete(_frontend_key(fe, 0))
+            for slot in range(1, len(old.backend_ids) + 1):
+                services.delete(_frontend_key(fe, slot))
+            del self.services[fe]
+            self.service_ids.release(old.service_id)
+            result.removed += 1
+        for fe, slot in self._stale_slots:
+            services.delete(_frontend_key(fe, slot))
+        self._stale_slots = []
+
+        # 4. backends no slot names any more (flows pinned to them choose again)
+        referenced = {i for s in self.services.values() for i in s.backend_ids}
+        referenced |= {self.backend_ids[b] for e in desired.services.values() for b in e.draining
+                       if b in self.backend_ids}
+        for backend, backend_id in sorted(self.backend_ids.items(), key=lambda kv: kv[1]):
+            if backend_id not in referenced:
+                backends.delete(shared.u32(backend_id))
+                del self.backend_ids[backend]
+                self.backend_alloc.release(backend_id)
+                result.backends_removed += 1
+
+    def _zero(self, stats_map: str, index: int) -> None:
+        if stats_map in self.maps:
+            self.maps[stats_map].update(shared.u32(index), shared.new("lb_stats"))
+
+    # --- for dumps ----------------------------------------------------------------------------------
+
+    def service_names(self, desired: DesiredState) -> dict[int, str]:
+        """service id -> "ns/name:port", for `lbctl dump maps`."""
+        return {self.services[fe].service_id: entry.name
+                for fe, entry in desired.services.items() if fe in self.services}
+
+
+def entry(name: str, frontend: Frontend, *backends: Backend) -> ServiceEntry:
+    """Shorthand used by tests and the bench."""
+    return ServiceEntry(frontend, name, tuple(sorted(backends)))

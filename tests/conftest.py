@@ -1,0 +1,55 @@
+"""Shared fixtures. Tests marked `root` load BPF programs or build network namespaces; CI runs
+everything as root. Every fixture that creates a kernel object removes it in its teardown."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lbctl import ebpf
+from lbctl.reconcile import Reconciler
+
+TEST_PIN_DIR = f"/sys/fs/bpf/lbctl-test-{os.getpid()}"
+
+
+def test_config(**overrides) -> ebpf.DatapathConfig:
+    values = dict(pin_dir=TEST_PIN_DIR, max_services=1024, max_backends=4096,
+                  services_map_size=8192, ct_size=8192, devices=("vethlbt*",))
+    values.update(overrides)
+    return ebpf.DatapathConfig(**values)
+
+
+@pytest.fixture(scope="session")
+def loaded_datapath():
+    dp = ebpf.EbpfDatapath(test_config()).load()
+    try:
+        yield dp
+    finally:
+        dp.close()
+        ebpf.detach_all(dp.cfg.tc_name)
+        ebpf.remove_pins(dp.cfg.pin_dir)
+
+
+def clear_maps(dp: ebpf.EbpfDatapath) -> None:
+    from lbctl import shared
+
+    for name in ("lb_services", "lb_backends", "lb_ct"):
+        m = dp.maps[name]
+        for key in list(m.keys()):
+            m.delete(key)
+    for name in ("lb_service_stats", "lb_backend_stats"):
+        m = dp.maps[name]
+        for index in range(min(64, m.info.max_entries)):
+            m.update(shared.u32(index), shared.new("lb_stats"))
+    g = dp.maps["lb_global_stats"]
+    for index in range(g.info.max_entries):
+        g.update(shared.u32(index), bytes(8))
+
+
+@pytest.fixture
+def datapath(loaded_datapath):
+    """The loaded program with empty maps, and a reconciler over them."""
+    clear_maps(loaded_datapath)
+    loaded_datapath.reconciler = Reconciler(loaded_datapath.maps, 1024, 4096)
+    yield loaded_datapath
+    clear_maps(loaded_datapath)
