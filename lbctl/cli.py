@@ -1,0 +1,185 @@
+"""lbctl: the command line.
+
+  lbctl run --manifests DIR      the agent (foreground)
+  lbctl dump maps [--json]       what the datapath holds
+  lbctl cleanup                  remove everything lbctl created
+  lbctl lab up|down              a small cluster in network namespaces
+  lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
+  lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
+  lbctl render iptables|nftables kube-proxy's rules for the same manifests
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from . import ebpf
+
+log = logging.getLogger("lbctl")
+
+DEFAULT_MANIFESTS = "/etc/lbctl/manifests"
+
+
+def _datapath_args(p: argparse.ArgumentParser) -> None:
+    d = ebpf.DatapathConfig()
+    p.add_argument("--pin-dir", default=d.pin_dir, help="bpffs directory for the maps (%(default)s)")
+
+
+def datapath_config(args) -> ebpf.DatapathConfig:
+    devices = tuple(x for x in getattr(args, "devices", "").split(",") if x) or ebpf.DEFAULT_DEVICES
+    return ebpf.DatapathConfig(
+        pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
+        services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices)
+
+
+def cmd_run(args) -> int:
+    from .agent import Agent, AgentOptions
+    from .manifests import ManifestSource
+
+    if args.mode != "ebpf":
+        log.error("--mode %s: not available in this build (only ebpf)", args.mode)
+        return 2
+    cfg = datapath_config(args)
+    agent = Agent(ManifestSource(args.manifests, interval=args.interval), cfg,
+                  AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
+             ",".join(cfg.devices), cfg.pin_dir)
+    try:
+        agent.run(stop, max_seconds=args.max_seconds)
+    except ebpf.DatapathError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_dump_maps(args) -> int:
+    from . import dump
+
+    try:
+        state = dump.collect(args.pin_dir)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"lbctl dump maps: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(state, indent=2) if args.json else dump.format_table(state))
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
+    pinned maps, the agent's state file, and labs that `lbctl lab up` built."""
+    import os
+
+    from . import dump, lab
+
+    tc_name = ebpf.DatapathConfig(pin_dir=args.pin_dir).tc_name
+    links = ebpf.detach_all(tc_name)
+    maps = ebpf.remove_pins(args.pin_dir)
+    try:
+        os.unlink(dump.state_file(args.pin_dir))
+    except FileNotFoundError:
+        pass
+    labs = []
+    if not args.keep_labs:
+        for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
+            prefix = path.name[len("lab-"):-len(".json")]
+            lab.lab_down(prefix)
+            labs.append(prefix)
+    print(f"detached from {len(links)} link(s){': ' + ', '.join(links) if links else ''}; "
+          f"unpinned {len(maps)} map(s) from {args.pin_dir}; labs removed: {', '.join(labs) or 'none'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(requests=args.requests, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbctl", description="eBPF replacement for kube-proxy")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = ebpf.DatapathConfig()
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--manifests", default=DEFAULT_MANIFESTS,
+                     help="directory of Service/EndpointSlice/Endpoints YAML (%(default)s)")
+    run.add_argument("--mode", default="ebpf", choices=["ebpf"], help="datapath (%(default)s)")
+    run.add_argument("--devices", default=",".join(ebpf.DEFAULT_DEVICES),
+                     help="comma-separated link name patterns to attach to (%(default)s)")
+    _datapath_args(run)
+    run.add_argument("--max-services", type=int, default=d.max_services,
+                     help="service ids, one per VIP:port/proto (%(default)s)")
+    run.add_argument("--max-backends", type=int, default=d.max_backends,
+                     help="backend ids, one per endpoint address:port/proto (%(default)s)")
+    run.add_argument("--services-map-size", type=int, default=d.services_map_size,
+                     help="frontends + backend slots (%(default)s)")
+    run.add_argument("--ct-size", type=int, default=d.ct_size,
+                     help="conntrack entries, two per flow (%(default)s)")
+    run.add_argument("--interval", type=float, default=1.0, help="seconds between manifest polls")
+    run.add_argument("--detach-on-exit", action="store_true",
+                     help="on exit detach programs and unpin maps (default: leave the datapath "
+                          "serving, so a restart moves no flow)")
+    run.add_argument("--max-seconds", type=float, default=None, help="exit after this long")
+    run.set_defaults(func=cmd_run)
+
+    dump_p = sub.add_parser("dump", help="show datapath state")
+    dump_sub = dump_p.add_subparsers(dest="what", required=True)
+    maps = dump_sub.add_parser("maps", help="services, backends and counters from the pinned maps")
+    maps.add_argument("--json", action="store_true")
+    _datapath_args(maps)
+    maps.set_defaults(func=cmd_dump_maps)
+
+    cleanup = sub.add_parser("cleanup", help="remove everything lbctl created")
+    _datapath_args(cleanup)
+    cleanup.add_argument("--keep-labs", action="store_true", help="leave `lbctl lab` labs up")
+    cleanup.set_defaults(func=cmd_cleanup)
+
+    from . import lab
+    lab.register(sub)
+
+    demo = sub.add_parser("demo", help="lab + agent + traffic + dump, then teardown")
+    demo.add_argument("--keep", action="store_true", help="leave the lab and datapath up")
+    demo.add_argument("--requests", type=int, default=300, help="requests per service port")
+    demo.set_defaults(func=cmd_demo)
+
+    from .bench import cmd_bench
+    bench = sub.add_parser("bench", help="ns/packet through BPF_PROG_TEST_RUN")
+    bench.add_argument("--services", default="10,100000", help="comma-separated service counts")
+    bench.add_argument("--backends", type=int, default=2, help="backends per service")
+    bench.add_argument("--repeat", type=int, default=200_000, help="runs per measured path")
+    bench.add_argument("--new-flows", type=int, default=2000, help="new flows timed one by one")
+    bench.add_argument("--plot", default=None, help="write a PNG plot here")
+    bench.add_argument("--json", action="store_true")
+    bench.set_defaults(func=cmd_bench)
+
+    try:
+        from .kubeproxy import render_cmd
+    except ImportError:
+        render_cmd = None
+    if render_cmd is not None:
+        render_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
