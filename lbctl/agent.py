@@ -143,6 +143,7 @@ class Agent:
             if self.options.detach_on_exit:
                 names = ebpf.detach_all(self.cfg.tc_name)
                 ebpf.remove_pins(self.cfg.pin_dir)
+                dump.remove_names(self.cfg.pin_dir)
                 log.info("detached from %d link(s) and unpinned maps", len(names))
             else:
                 log.info("exiting; programs stay attached and maps pinned under %s "

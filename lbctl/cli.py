@@ -75,17 +75,12 @@ def cmd_dump_maps(args) -> int:
 def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
     pinned maps, the agent's state file, and labs that `lbctl lab up` built."""
-    import os
-
     from . import dump, lab
 
     tc_name = ebpf.DatapathConfig(pin_dir=args.pin_dir).tc_name
     links = ebpf.detach_all(tc_name)
     maps = ebpf.remove_pins(args.pin_dir)
-    try:
-        os.unlink(dump.state_file(args.pin_dir))
-    except FileNotFoundError:
-        pass
+    dump.remove_names(args.pin_dir)
     labs = []
     if not args.keep_labs:
         for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
@@ -175,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:

@@ -32,6 +32,13 @@ def write_names(pin_dir: str, names: dict[int, str]) -> None:
     os.replace(tmp, path)
 
 
+def remove_names(pin_dir: str) -> None:
+    try:
+        os.unlink(state_file(pin_dir))
+    except FileNotFoundError:
+        pass
+
+
 def read_names(pin_dir: str) -> dict[int, str]:
     try:
         with open(state_file(pin_dir)) as f:

@@ -11,6 +11,8 @@ Cilium's order, in which a packet never sees a half-made service:
   3. removed services: the frontend first (no new packet selects it), then its slots;
   4. backends no longer named by any slot.
 
+(Before all that, slots left beyond a frontend's count by an interrupted sync are dropped.)
+
 Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`` or
 ``FakeMap``), so this whole module is tested without root.
 """
@@ -184,6 +186,11 @@ class Reconciler:
     def _sync(self, desired: DesiredState, result: SyncResult) -> None:
         services, backends = self.maps[SERVICES], self.maps[BACKENDS]
 
+        # 0. slots no frontend counts (an interrupted sync): unreachable, so safe to drop first
+        for fe, slot in self._stale_slots:
+            services.delete(_frontend_key(fe, slot))
+        self._stale_slots = []
+
         # 1. backends every desired service needs
         for backend in sorted(desired.backends - self.backend_ids.keys()):
             backend_id = self.backend_alloc.allocate()
@@ -231,9 +238,6 @@ class Reconciler:
             del self.services[fe]
             self.service_ids.release(old.service_id)
             result.removed += 1
-        for fe, slot in self._stale_slots:
-            services.delete(_frontend_key(fe, slot))
-        self._stale_slots = []
 
         # 4. backends no slot names any more (flows pinned to them choose again)
         referenced = {i for s in self.services.values() for i in s.backend_ids}

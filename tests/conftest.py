@@ -12,7 +12,7 @@ from lbctl.reconcile import Reconciler
 TEST_PIN_DIR = f"/sys/fs/bpf/lbctl-test-{os.getpid()}"
 
 
-def test_config(**overrides) -> ebpf.DatapathConfig:
+def config_for_tests(**overrides) -> ebpf.DatapathConfig:
     values = dict(pin_dir=TEST_PIN_DIR, max_services=1024, max_backends=4096,
                   services_map_size=8192, ct_size=8192, devices=("vethlbt*",))
     values.update(overrides)
@@ -21,7 +21,7 @@ def test_config(**overrides) -> ebpf.DatapathConfig:
 
 @pytest.fixture(scope="session")
 def loaded_datapath():
-    dp = ebpf.EbpfDatapath(test_config()).load()
+    dp = ebpf.EbpfDatapath(config_for_tests()).load()
     try:
         yield dp
     finally:

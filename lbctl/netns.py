@@ -1,0 +1,287 @@
+"""Network namespaces, pod veths and processes for the lab and the datapath tests.
+
+Everything here shells out to iproute2 (``ip``), the tool an operator would type, so each step can
+be replayed by hand. Each setup function has a cleanup partner that is idempotent and tolerates
+half-made state:
+
+    add_netns            <-> del_netns
+    add_pod              <-> del_pod          (veth pair, addresses, routes)
+    add_route            <-> del_route
+    set_ip_forward       <-> set_ip_forward(previous)
+    spawn_in             <-> stop_process     (detached process inside a namespace)
+
+Pods are wired like the ptp CNI plugin (kind's kindnet): the pod gets ``IP/32`` on ``eth0`` and a
+default route via the gateway, which is reachable "scope link" on ``eth0``; the host end of the veth
+carries the gateway address as ``/32`` (the same address on every host veth) and a route
+``IP/32 dev <host veth>``. No bridge, so every pod packet crosses the host end of its veth, where
+tc programs can see it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+IFNAMSIZ = 15                       # longest interface name Linux accepts (16 with the NUL)
+NETNS_DIR = Path("/run/netns")      # where `ip netns add` pins named namespaces
+IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]   # the directory holding lbctl/
+
+
+class NetnsError(RuntimeError):
+    """An iproute2 command failed; the message names the command and what it printed."""
+
+
+# --- running commands ------------------------------------------------------------------------
+
+
+def run(argv: list[str], *, check: bool = True, timeout: float = 30.0, input: str | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run argv in the node's namespace, capturing text output; raise NetnsError on failure."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, input=input,
+                          env=env)
+    if check and proc.returncode != 0:
+        raise NetnsError(f"`{' '.join(argv)}` failed ({proc.returncode}): "
+                         f"{(proc.stderr or proc.stdout).strip()}")
+    return proc
+
+
+def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`ip [-n ns] args...`."""
+    return run(["ip", *(["-n", ns] if ns else []), *args], check=check)
+
+
+def run_in(ns: str, argv: list[str], *, check: bool = True, timeout: float = 30.0,
+           input: str | None = None, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    """Run argv inside network namespace ns (`ip netns exec`), capturing text output."""
+    return run(["ip", "netns", "exec", ns, *argv], check=check, timeout=timeout, input=input,
+               env=env)
+
+
+def python_argv(module: str, *args: str) -> list[str]:
+    """argv that runs `python -m module args...` with this interpreter."""
+    return [sys.executable, "-m", module, *args]
+
+
+def python_env() -> dict[str, str]:
+    """Environment in which `python -m lbctl.xxx` imports this source tree, installed or not."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+# --- namespaces ------------------------------------------------------------------------------
+
+
+def netns_exists(name: str) -> bool:
+    return (NETNS_DIR / name).exists()
+
+
+def add_netns(name: str) -> None:
+    """Create a named network namespace with `lo` up. Cleanup: del_netns."""
+    ip("netns", "add", name)
+    try:
+        ip("link", "set", "lo", "up", ns=name)
+    except BaseException:
+        del_netns(name)
+        raise
+
+
+def del_netns(name: str) -> None:
+    """Delete a named namespace if present. The kernel frees it (and veth ends in it) once the
+    last process inside has gone: stop those first (netns_pids), and delete veths explicitly
+    (del_link) when they must be gone at once, since namespace teardown is asynchronous."""
+    if netns_exists(name):
+        ip("netns", "del", name)
+
+
+def netns_pids(name: str) -> list[int]:
+    """Pids of the processes whose network namespace is ns `name`."""
+    if not netns_exists(name):
+        return []
+    return [int(p) for p in ip("netns", "pids", name, check=False).stdout.split()]
+
+
+def list_netns() -> list[str]:
+    return sorted(p.name for p in NETNS_DIR.iterdir()) if NETNS_DIR.is_dir() else []
+
+
+# --- links and routes ------------------------------------------------------------------------
+
+
+def link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def del_link(name: str) -> None:
+    """Delete a link in the node's namespace if present (a veth takes its peer with it)."""
+    if link_exists(name):
+        ip("link", "del", name, check=False)
+        if link_exists(name):
+            raise NetnsError(f"could not delete link {name}; try `ip link del {name}`")
+
+
+def add_route(route: str) -> None:
+    """`ip route replace <route>` in the node, e.g. "unreachable 10.96.0.0/16".
+    Cleanup: del_route."""
+    ip("route", "replace", *route.split())
+
+
+def del_route(route: str) -> None:
+    """`ip route del <route>`; a route that is already gone is fine."""
+    proc = ip("route", "del", *route.split(), check=False)
+    if proc.returncode != 0 and "No such process" not in proc.stderr:
+        raise NetnsError(f"`ip route del {route}` failed: {proc.stderr.strip()}")
+
+
+def set_sysctl(path: Path, value: str) -> str:
+    """Write value to a /proc/sys file and return the value it had."""
+    previous = path.read_text().strip()
+    path.write_text(value + "\n")
+    return previous
+
+
+def set_ip_forward(value: str) -> str:
+    """Set net.ipv4.ip_forward in the node; returns the previous value, to restore on teardown."""
+    return set_sysctl(IP_FORWARD, value)
+
+
+# --- pods ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod: namespace `ns` joined to the node by veth `host_link` <-> `eth0` (inside ns)."""
+
+    name: str
+    ns: str
+    ip: str
+    host_link: str
+    gateway: str = "10.244.0.1"
+
+
+def check_link_name(name: str) -> None:
+    if not name.startswith("veth") or len(name) > IFNAMSIZ:
+        raise ValueError(f"host veth name {name!r} must start with 'veth' and have at most "
+                         f"{IFNAMSIZ} characters; use a shorter lab prefix")
+
+
+def add_pod(pod: Pod) -> None:
+    """Create pod's namespace, veth pair, addresses and routes (ptp CNI style).
+
+    If a step fails, what this call made is removed before the error propagates.
+    Cleanup: del_pod.
+    """
+    check_link_name(pod.host_link)
+    add_netns(pod.ns)
+    try:
+        _wire_pod(pod)
+    except BaseException:
+        del_pod(pod)
+        raise
+
+
+def _wire_pod(pod: Pod) -> None:
+    # IPv6 off inside the pod (set before eth0 exists, so eth0 inherits it) and on the host end:
+    # no link-local addresses, router solicitations or MLD reports in the datapath under test.
+    run_in(pod.ns, ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
+                    "net.ipv6.conf.default.disable_ipv6=1"])
+    ip("link", "add", pod.host_link, "type", "veth", "peer", "name", "eth0", "netns", pod.ns)
+    set_sysctl(Path("/proc/sys/net/ipv6/conf", pod.host_link, "disable_ipv6"), "1")
+
+    ip("addr", "add", f"{pod.ip}/32", "dev", "eth0", ns=pod.ns)
+    ip("link", "set", "eth0", "up", ns=pod.ns)
+    ip("route", "add", pod.gateway, "dev", "eth0", "scope", "link", ns=pod.ns)
+    ip("route", "add", "default", "via", pod.gateway, "dev", "eth0", ns=pod.ns)
+
+    ip("addr", "add", f"{pod.gateway}/32", "dev", pod.host_link)
+    ip("link", "set", pod.host_link, "up")
+    ip("route", "add", f"{pod.ip}/32", "dev", pod.host_link, "scope", "link")
+
+
+def del_pod(pod: Pod) -> None:
+    """Remove pod's processes, veth pair (with its addresses and routes) and namespace.
+    Idempotent; works on a pod that add_pod left half made."""
+    for pid in netns_pids(pod.ns):
+        stop_process(pid)
+    del_link(pod.host_link)
+    del_netns(pod.ns)
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def spawn_in(ns: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> int:
+    """Start argv inside ns, detached (own session, stdin from /dev/null, stdout and stderr to
+    `log`), and return its pid. `ip netns exec` execs argv, so the pid is argv's own.
+    Cleanup: stop_process(pid).
+
+    posix_spawn rather than subprocess.Popen: the caller keeps only a pid (it may be another
+    process that stops it), and no Popen object warns that its child is still running.
+    """
+    full = ["/usr/bin/env", "ip", "netns", "exec", ns, *argv]
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    # Default dispositions and no blocked signals, whatever the caller had (a shell's background
+    # job ignores SIGINT): stop_process relies on SIGTERM.
+    return os.posix_spawn(full[0], full, env if env is not None else dict(os.environ),
+                          file_actions=actions, setsid=True, setsigmask=(),
+                          setsigdef=(signal.SIGINT, signal.SIGTERM))
+
+
+def process_state(pid: int) -> str | None:
+    """The one-letter state of pid (R, S, Z, ...) or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while pid runs; a zombie (exited, not yet reaped) counts as gone."""
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def process_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return raw.decode(errors="replace").split("\0")[:-1]
+
+
+def reap(pid: int) -> None:
+    """Collect pid's exit status if it is our child (so it leaves no zombie); else do nothing."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
+def stop_process(pid: int, grace: float = 2.0) -> None:
+    """SIGTERM pid, SIGKILL it after `grace` seconds, reap it if it is our child. Idempotent."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            break
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            reap(pid)
+            if not pid_alive(pid):
+                break
+            time.sleep(0.01)
+        if not pid_alive(pid):
+            break
+    reap(pid)
+    if pid_alive(pid):
+        raise NetnsError(f"process {pid} survived SIGKILL (state {process_state(pid)})")

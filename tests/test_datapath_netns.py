@@ -1,0 +1,244 @@
+"""The datapath as a datapath: the lab's pods in network namespaces, the agent following the
+lab's manifests, real TCP and UDP through the ClusterIPs. Asserts what a user sees."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy.stats import chisquare
+
+from lbctl import dump, ebpf, lab
+from lbctl.agent import Agent, AgentOptions
+from lbctl.labclient import request_spread
+from lbctl.manifests import ManifestSource
+
+from conftest import TEST_PIN_DIR, config_for_tests
+from nsutil import socket_in, wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.netns]
+
+PREFIX = f"lbd{os.getpid() % 1000}"
+AGENT_PIN_DIR = TEST_PIN_DIR + "-agent"
+
+
+def lab_spec(prefix: str = PREFIX, octet: int = 200) -> lab.LabSpec:
+    return lab.LabSpec(prefix=prefix, pod_cidr=f"10.244.{octet}.0/24", gateway=f"10.244.{octet}.1")
+
+
+class RunningAgent:
+    """`lbctl run` in a thread, restartable, on the lab's manifests."""
+
+    def __init__(self, manifests: str, pin_dir: str, devices: tuple[str, ...]):
+        self.cfg = config_for_tests(pin_dir=pin_dir, devices=devices)
+        self.manifests = manifests
+        self.agent = None
+
+    def start(self) -> "RunningAgent":
+        self.stop_event = threading.Event()
+        self.agent = Agent(ManifestSource(self.manifests, interval=0.1), self.cfg,
+                           AgentOptions(interval=0.1, detach_on_exit=False))
+        self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,),
+                                       kwargs={"max_seconds": 600}, daemon=True)
+        self.thread.start()
+        assert self.agent.synced.wait(30), "agent did not sync"
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
+
+    def wait_synced_after(self, change) -> None:
+        """Applies `change` (a manifest edit) and waits until the agent has synced it."""
+        before = self.agent.syncs
+        change()
+        wait_for(lambda: self.agent.syncs > before, 10, what="a sync after the manifest change")
+
+    def teardown(self) -> None:
+        self.stop()
+        ebpf.detach_all(self.cfg.tc_name)
+        ebpf.remove_pins(self.cfg.pin_dir)
+        dump.remove_names(self.cfg.pin_dir)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    manifests = tmp_path_factory.mktemp("manifests")
+    state = lab.lab_up(lab_spec(), manifests)
+    agent = None
+    try:
+        agent = RunningAgent(str(manifests), AGENT_PIN_DIR, (f"veth{PREFIX}*",)).start()
+        yield state, agent
+    finally:
+        if agent:
+            agent.teardown()
+        lab.lab_down(state.prefix)
+
+
+@pytest.fixture
+def manifests(cluster):
+    """The manifest directory; whatever a test changes is restored afterwards."""
+    state, agent = cluster
+    path = Path(state.manifests_dir)
+    saved = {p.name: p.read_text() for p in path.iterdir()}
+    yield path
+    def restore():
+        for p in path.iterdir():
+            if p.name not in saved:
+                p.unlink()
+        for name, text in saved.items():
+            (path / name).write_text(text)
+    agent.wait_synced_after(restore)
+
+
+def client_ns(state) -> str:
+    return state.pods[state.clients[0]].ns
+
+
+def pods_of(state, service: str) -> set[str]:
+    return set(state.services[service].backends)
+
+
+@pytest.mark.parametrize("proto,target,service", [
+    ("tcp", "10.96.0.10:80", "default/web"),
+    ("udp", "10.96.0.53:53", "default/dns"),
+    ("tcp", "10.96.0.53:53", "default/dns"),
+])
+def test_every_backend_answers_through_the_cluster_ip(cluster, proto, target, service):
+    state, _ = cluster
+    report = request_spread(client_ns(state), proto, target, 300)
+    assert sum(report["errors"].values()) == 0, report
+    assert set(report["answers"]) == pods_of(state, service)
+    # in-cluster traffic keeps its source address: backends see the client pod
+    assert set(report["peers"]) == {state.pods[state.clients[0]].ip}
+
+
+def test_spread_over_three_backends_is_uniform(cluster):
+    state, _ = cluster
+    report = request_spread(client_ns(state), "tcp", "10.96.0.10:80", 3000, concurrency=32)
+    assert sum(report["answers"].values()) == 3000, report
+    counts = [report["answers"].get(p, 0) for p in sorted(pods_of(state, "default/web"))]
+    assert chisquare(counts).pvalue > 0.001, counts
+
+
+def edit_slice(path: Path, service: str, keep) -> None:
+    f = path / f"default-{service}.endpointslice.yaml"
+    doc = yaml.safe_load(f.read_text())
+    doc["endpoints"] = [e for e in doc["endpoints"] if keep(e)]
+    f.write_text(yaml.safe_dump(doc))
+
+
+def test_removed_endpoint_gets_no_new_connections(cluster, manifests):
+    state, agent = cluster
+    agent.wait_synced_after(lambda: edit_slice(manifests, "web", lambda e: e["targetRef"]["name"] != "web-2"))
+    report = request_spread(client_ns(state), "tcp", "10.96.0.10:80", 300)
+    assert set(report["answers"]) == {"web-0", "web-1"}
+    assert sum(report["answers"].values()) == 300
+
+
+def test_deleted_service_makes_the_vip_unreachable(cluster, manifests):
+    state, agent = cluster
+    agent.wait_synced_after(lambda: (manifests / "default-dns.service.yaml").unlink())
+    for proto in ("udp", "tcp"):
+        report = request_spread(client_ns(state), proto, "10.96.0.53:53", 20, timeout=0.3)
+        assert report["answers"] == {}, report
+    # the other service is untouched
+    assert sum(request_spread(client_ns(state), "tcp", "10.96.0.10:80", 50)["answers"].values()) == 50
+
+
+def test_service_without_endpoints_rejects(cluster, manifests):
+    state, agent = cluster
+    agent.wait_synced_after(lambda: edit_slice(manifests, "dns", lambda e: False))
+    tcp = request_spread(client_ns(state), "tcp", "10.96.0.53:53", 20, timeout=1)
+    assert tcp["errors"]["refused"] == 20, tcp            # TCP RST, as kube-proxy's REJECT
+    udp = request_spread(client_ns(state), "udp", "10.96.0.53:53", 20, timeout=1)
+    assert udp["errors"]["refused"] + udp["errors"]["unreachable"] == 20, udp  # ICMP port unreachable
+
+
+def test_bad_manifest_is_reported_and_the_rest_stays_programmed(cluster, manifests, caplog):
+    state, agent = cluster
+    caplog.set_level(logging.ERROR, logger="lbctl.agent")
+    agent.wait_synced_after(lambda: (manifests / "broken.yaml").write_text("kind: Service\nmetadata: [\n"))
+    assert any("broken.yaml" in r.getMessage() for r in caplog.records), caplog.text
+    assert agent.thread.is_alive()
+    report = request_spread(client_ns(state), "tcp", "10.96.0.10:80", 60)
+    assert sum(report["answers"].values()) == 60
+
+
+def test_restart_keeps_established_flows(cluster):
+    state, agent = cluster
+    sock = socket_in(client_ns(state))
+    try:
+        sock.settimeout(2)
+        sock.connect(("10.96.0.53", 53))
+        def ask():
+            sock.send(b"?")
+            return sock.recv(200).decode().split()[0]
+        first = ask()
+        assert all(ask() == first for _ in range(5))
+        agent.stop()
+        assert ask() == first, "the datapath keeps serving while the agent is down"
+        agent.start()
+        assert agent.agent.reconciler.services, "state restored from the pinned maps"
+        assert all(ask() == first for _ in range(10)), "the flow kept its backend across the restart"
+    finally:
+        sock.close()
+
+
+def test_new_links_are_attached_and_vanished_ones_forgotten(cluster):
+    _, agent = cluster
+    name, peer = f"veth{PREFIX}x", f"veth{PREFIX}y"
+    subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name", peer], check=True)
+    try:
+        def attached():
+            out = subprocess.run(["tc", "filter", "show", "dev", name, "ingress"],
+                                 capture_output=True, text=True).stdout
+            return agent.cfg.tc_name in out
+        wait_for(attached, 10, what=f"filter on {name}")
+        assert any(n == peer for n in agent.agent.attached.values())
+    finally:
+        subprocess.run(["ip", "link", "del", name], check=False)
+    wait_for(lambda: name not in agent.agent.attached.values(), 10, what=f"{name} forgotten")
+
+
+def test_dump_maps_from_another_process(cluster):
+    state, agent = cluster
+    request_spread(client_ns(state), "tcp", "10.96.0.10:80", 30)
+    out = subprocess.run([shutil.which("lbctl") or os.path.join(os.path.dirname(os.sys.executable), "lbctl"),
+                          "dump", "maps", "--json", "--pin-dir", AGENT_PIN_DIR],
+                         capture_output=True, text=True, check=True).stdout
+    import json
+    data = json.loads(out)
+    web = next(s for s in data["services"] if s["name"] == "default/web:http")
+    assert web["frontend"] == "10.96.0.10:80/TCP" and web["count"] == 3
+    assert web["flows"] >= 30
+    assert sorted(b["address"] for b in web["backends"]) == sorted(
+        f"{state.pods[p].ip}:8080/TCP" for p in pods_of(state, "default/web"))
+
+
+def test_teardown_leaves_nothing_behind(tmp_path):
+    prefix, pin_dir = f"lbz{os.getpid() % 1000}", TEST_PIN_DIR + "-z"
+    state = lab.lab_up(lab_spec(prefix, 201), tmp_path / "m")
+    try:
+        agent = RunningAgent(str(tmp_path / "m"), pin_dir, (f"veth{prefix}*",)).start()
+        assert request_spread(client_ns(state), "tcp", "10.96.0.10:80", 20)["answers"]
+        agent.stop()
+        assert os.path.exists(pin_dir)
+        ebpf.detach_all(agent.cfg.tc_name)
+        ebpf.remove_pins(pin_dir)
+        dump.remove_names(pin_dir)
+    finally:
+        lab.lab_down(prefix)
+    assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+                if n.startswith(prefix)]
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert f"veth{prefix}" not in links
+    filters = subprocess.run("for d in $(ls /sys/class/net); do tc filter show dev $d ingress; done",
+                             shell=True, capture_output=True, text=True).stdout
+    assert agent.cfg.tc_name not in filters
+    assert not os.path.exists(pin_dir)
