@@ -47,6 +47,9 @@ def service_ports(snapshot: ClusterSnapshot) -> tuple[ServicePortInfo, ...]:
 def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple[Problem, ...]]:
     """The eBPF datapath's frontends: one ``ServiceEntry`` per IPv4 cluster IP, port and protocol.
 
+    ``backends`` take new flows; ``draining`` lists the other TCP endpoints still in the slices,
+    whose established flows the datapath lets finish.
+
     Headless and ExternalName services have nothing to proxy and are passed over silently.
     SCTP and IPv6 are not handled by the datapath yet: one Problem per service port. When two
     services claim the same frontend the first by service key keeps it, so the outcome does not
@@ -68,6 +71,7 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
             problems.append(Problem(obj, f"port {_describe(port)} on {', '.join(ipv6)}: IPv6 is not "
                                          f"supported by the eBPF datapath yet; skipped"))
         backends = _backends(info)
+        draining = _draining(info, backends)
         for ip in service.cluster_ips:
             if not _is_ipv4(ip):
                 continue
@@ -77,7 +81,8 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
                 problems.append(Problem(obj, f"port {_describe(port)}: frontend {frontend} already "
                                              f"belongs to {owner.name}; skipped, {owner.name} keeps it"))
                 continue
-            entries[frontend] = ServiceEntry(frontend=frontend, name=info.name, backends=backends)
+            entries[frontend] = ServiceEntry(frontend=frontend, name=info.name, backends=backends,
+                                             draining=draining)
     return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
 
 
@@ -132,6 +137,21 @@ def _backends(info: ServicePortInfo) -> tuple[Backend, ...]:
         chosen = [e for e in info.endpoints if e.serving and e.terminating]
     return tuple(sorted({
         Backend(e.address, e.port, info.port.protocol) for e in chosen if _is_ipv4(e.address)
+    }))
+
+
+def _draining(info: ServicePortInfo, backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
+    """Endpoints still listed but not chosen: their established TCP flows may finish.
+
+    kube-proxy leaves conntrack entries of TCP flows alone when an endpoint stops being used,
+    but flushes UDP ones (stale UDP entries are its best-known bug), so UDP never drains.
+    """
+    if info.port.protocol is not Protocol.TCP:
+        return ()
+    chosen = set(backends)
+    return tuple(sorted({
+        backend for e in info.endpoints
+        if _is_ipv4(e.address) and (backend := Backend(e.address, e.port, Protocol.TCP)) not in chosen
     }))
 
 

@@ -125,6 +125,7 @@ class ManifestSource:
         self._fingerprint: tuple | None = None
         self._snapshot: ClusterSnapshot | None = None
         self._racy = False
+        self._last_good: dict[Path, list[Any]] = {}
 
     def poll(self) -> ClusterSnapshot | None:
         """Return a fresh snapshot the first time and after any change, else ``None``.
@@ -139,7 +140,7 @@ class ManifestSource:
         fingerprint = _fingerprint(files, problems)
         if self._snapshot is not None and fingerprint == self._fingerprint and not self._racy:
             return None
-        snapshot = _load_files(files, problems)
+        snapshot = _load_files(files, problems, self._last_good)
         news = (
             self._snapshot is None
             or fingerprint != self._fingerprint
@@ -207,10 +208,25 @@ def _is_racy(fingerprint: tuple, scan_started_ns: int) -> bool:
     return any(s.mtime_ns is not None and s.mtime_ns >= scan_started_ns - RACY_WINDOW_NS for s in states)
 
 
-def _load_files(files: list[Path], problems: list[Problem]) -> ClusterSnapshot:
+def _load_files(files: list[Path], problems: list[Problem],
+                last_good: dict[Path, list[Any]] | None = None) -> ClusterSnapshot:
+    """Parse files into a snapshot. With `last_good` (a watching source's memory), a file that
+    stops parsing keeps the documents it last parsed to, as the API server keeps the old object
+    when an update is invalid: a typo while editing never deletes the file's services."""
     parsed = _Parsed(problems=list(problems))
+    if last_good is not None:
+        for gone in set(last_good) - set(files):
+            del last_good[gone]
     for path in files:
         docs, problem = _read_documents(path)
+        if last_good is not None:
+            if problem is None:
+                last_good[path] = docs
+            elif path in last_good:
+                docs = last_good[path]
+                reason = problem.message.split("; ")[0]
+                problem = Problem(problem.obj, f"{reason}; keeping the {len(docs)} document(s) "
+                                               "it last held until it is fixed")
         for number, doc in enumerate(docs, start=1):
             _parse_document(parsed, doc, str(path), f"document {number}")
         if problem:

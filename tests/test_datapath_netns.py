@@ -166,8 +166,11 @@ def test_bad_manifest_is_reported_and_the_rest_stays_programmed(cluster, manifes
     agent.wait_synced_after(lambda: (manifests / "broken.yaml").write_text("kind: Service\nmetadata: [\n"))
     assert any("broken.yaml" in r.getMessage() for r in caplog.records), caplog.text
     assert agent.thread.is_alive()
+    # a typo in the file of a programmed service keeps the service as it was
+    agent.wait_synced_after(lambda: (manifests / "default-web.endpointslice.yaml").write_text("endpoints: [\n"))
     report = request_spread(client_ns(state), "tcp", "10.96.0.10:80", 60)
     assert sum(report["answers"].values()) == 60
+    assert set(report["answers"]) == pods_of(state, "default/web")
 
 
 def test_restart_keeps_established_flows(cluster):
