@@ -75,20 +75,20 @@ def cmd_dump_maps(args) -> int:
 def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
     pinned maps, the agent's state file, and labs that `lbctl lab up` built."""
-    from . import dump, lab
+    from . import lab
 
-    tc_name = ebpf.DatapathConfig(pin_dir=args.pin_dir).tc_name
-    links = ebpf.detach_all(tc_name)
-    maps = ebpf.remove_pins(args.pin_dir)
-    dump.remove_names(args.pin_dir)
+    from .modes import EbpfMode
+
+    removed = EbpfMode.cleanup(ebpf.DatapathConfig(pin_dir=args.pin_dir))
     labs = []
     if not args.keep_labs:
         for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
             prefix = path.name[len("lab-"):-len(".json")]
             lab.lab_down(prefix)
             labs.append(prefix)
-    print(f"detached from {len(links)} link(s){': ' + ', '.join(links) if links else ''}; "
-          f"unpinned {len(maps)} map(s) from {args.pin_dir}; labs removed: {', '.join(labs) or 'none'}")
+    for what in removed:
+        print(f"removed {what}")
+    print(f"removed {len(removed)} datapath object(s); labs removed: {', '.join(labs) or 'none'}")
     return 0
 
 

@@ -1,0 +1,134 @@
+"""Datapath modes behind one small interface, so the same desired state can be programmed as
+eBPF, iptables, nftables or IPVS and compared side by side.
+
+A mode is given every service port with its endpoints (``ServicePortInfo``, the output of
+``lbctl.desired.service_ports``) and makes the kernel match it:
+
+    start()                 load / check kernel support; recover state left by a previous run
+    sync(ports)             apply the whole desired state (the mode decides what actually changes)
+    problems                what the last sync could not program, one Problem per object
+    dump() -> dict          what the kernel holds, as plain data
+    stop(detach)            release resources; with detach, also remove every kernel object
+    cleanup()               (class method) remove this mode's kernel objects, whoever made them
+
+Modes that attach to links (eBPF) also have ``attach_links(ipr)`` and ``link_event(ipr, msg)``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol, Sequence
+
+from . import dump, ebpf
+from .desired import desired_state
+from .model import DesiredState, ServicePortInfo
+from .reconcile import Reconciler, SyncResult
+
+log = logging.getLogger("lbctl.mode")
+
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+
+
+class Mode(Protocol):
+    name: str
+    problems: tuple
+
+    def start(self) -> None: ...
+
+    def sync(self, ports: Sequence[ServicePortInfo]) -> SyncResult: ...
+
+    def dump(self) -> dict: ...
+
+    def stop(self, detach: bool) -> None: ...
+
+
+class EbpfMode:
+    """tc programs on pod links, BPF maps for services (the default)."""
+
+    name = "ebpf"
+
+    def __init__(self, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig()):
+        self.cfg = cfg
+        self.datapath: ebpf.EbpfDatapath | None = None
+        self.reconciler: Reconciler | None = None
+        self.attached: dict[int, str] = {}
+        self.desired = DesiredState()
+        self.problems: tuple = ()
+
+    def start(self) -> None:
+        self.datapath = ebpf.EbpfDatapath(self.cfg).load()
+        self.reconciler = Reconciler(self.datapath.maps, self.cfg.max_services, self.cfg.max_backends)
+        log.info("eBPF datapath loaded; %d services and %d backends restored from %s",
+                 len(self.reconciler.services), len(self.reconciler.backend_ids), self.cfg.pin_dir)
+
+    def sync(self, ports: Sequence[ServicePortInfo] | None = None) -> SyncResult:
+        """Programs `ports`; with None, retries the last desired state (after a failed sync)."""
+        if ports is not None:
+            self.desired, self.problems = desired_state(ports)
+        result = self.reconciler.sync(self.desired)
+        if not result.errors:
+            dump.write_names(self.cfg.pin_dir, self.reconciler.service_names(self.desired))
+        return result
+
+    @property
+    def needs_retry(self) -> bool:
+        return self.reconciler is not None and self.reconciler.dirty
+
+    def dump(self) -> dict:
+        return dump.collect(self.cfg.pin_dir)
+
+    # --- links ---------------------------------------------------------------------------------
+
+    def attach_links(self, ipr) -> None:
+        """Attaches to every matching link not yet done, forgets vanished ones."""
+        present = {}
+        for link in ipr.get_links():
+            name = link.get_attr("IFLA_IFNAME")
+            if ebpf.matches(name, self.cfg.devices):
+                present[link["index"]] = name
+        for index, name in present.items():
+            if index not in self.attached:
+                self._attach(ipr, index, name)
+        for index in set(self.attached) - set(present):
+            log.info("link %s is gone", self.attached.pop(index))
+
+    def link_event(self, ipr, msg) -> None:
+        name = msg.get_attr("IFLA_IFNAME")
+        index = msg["index"]
+        if msg["header"]["type"] == RTM_DELLINK:
+            if self.attached.pop(index, None):
+                log.info("link %s is gone", name)
+        elif msg["header"]["type"] == RTM_NEWLINK and name and ebpf.matches(name, self.cfg.devices):
+            if index not in self.attached:
+                self._attach(ipr, index, name)
+
+    def _attach(self, ipr, index: int, name: str) -> None:
+        try:
+            ebpf.attach(ipr, index, self.datapath.prog_fd, self.cfg.tc_name)
+            self.attached[index] = name
+            log.info("attached to %s (ifindex %d)", name, index)
+        except Exception as exc:  # a link that vanished meanwhile, or a busy device
+            log.warning("could not attach to %s (ifindex %d): %s", name, index, exc)
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    def stop(self, detach: bool) -> None:
+        if detach:
+            names = ebpf.detach_all(self.cfg.tc_name)
+            self.cleanup_pins()
+            log.info("detached from %d link(s) and unpinned maps", len(names))
+        else:
+            log.info("exiting; programs stay attached and maps pinned under %s "
+                     "(`lbctl cleanup` removes them)", self.cfg.pin_dir)
+        if self.datapath is not None:
+            self.datapath.close()
+
+    def cleanup_pins(self) -> None:
+        ebpf.remove_pins(self.cfg.pin_dir)
+        dump.remove_names(self.cfg.pin_dir)
+
+    @classmethod
+    def cleanup(cls, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig()) -> list[str]:
+        links = ebpf.detach_all(cfg.tc_name)
+        maps = ebpf.remove_pins(cfg.pin_dir)
+        dump.remove_names(cfg.pin_dir)
+        return [f"tc filter on {name}" for name in links] + [f"pinned map {m}" for m in maps]
