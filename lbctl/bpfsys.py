@@ -153,11 +153,13 @@ class BpfMap:
                f"update {self.name}")
 
     def update_batch(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Many updates in one syscall (hash maps); falls back to one by one."""
-        if not items or self.percpu:
-            for k, v in items:
-                self.update(k, v)
+        """Many updates in one syscall; per-CPU values are given once and set on every CPU.
+        Falls back to one by one where the kernel has no batch operation for the map."""
+        if not items:
             return
+        if self.percpu:
+            items = [(k, b"".join(v.ljust(self._stride, b"\0") for v in [v] * self._ncpu))
+                     for k, v in items]
         keys = b"".join(k for k, _ in items)
         values = b"".join(v for _, v in items)
         count = ctypes.c_uint32(len(items))
@@ -166,7 +168,8 @@ class BpfMap:
                                            ctypes.byref(count), None)
         if ret in (-errno.EINVAL, -524):  # 524: ENOTSUPP, kernel without batch ops for this map
             for k, v in items:
-                self.update(k, v)
+                self.update(k, [v[i * self._stride:(i + 1) * self._stride] for i in range(self._ncpu)]
+                            if self.percpu else v)
             return
         _check(ret, f"batch update {self.name}")
 

@@ -59,6 +59,10 @@ class FakeMap:
         self.log.append(("delete", key))
         return self.data.pop(key, None) is not None
 
+    def update_batch(self, items) -> None:
+        for key, value in items:
+            self.update(key, value)
+
     def items(self):
         for key, value in list(self.data.items()):
             yield key, [value] if self.percpu else value
@@ -114,6 +118,10 @@ class IdAllocator:
 
     def release(self, value: int) -> None:
         self.used.discard(value)
+
+
+def _order(f: Frontend | Backend) -> tuple:
+    return f.address, f.port, f.protocol.value
 
 
 def _frontend_key(f: Frontend, slot: int = 0) -> bytes:
@@ -192,17 +200,21 @@ class Reconciler:
         self._stale_slots = []
 
         # 1. backends every desired service needs
-        for backend in sorted(desired.backends - self.backend_ids.keys()):
+        new_backends = []
+        for backend in sorted(desired.backends - self.backend_ids.keys(), key=_order):
             backend_id = self.backend_alloc.allocate()
-            self._zero(BACKEND_STATS, backend_id)
-            backends.update(shared.u32(backend_id),
-                            shared.backend_value(backend.address, backend.port,
-                                                 backend.protocol.number))
+            new_backends.append((backend, backend_id))
+        self._zero(BACKEND_STATS, [i for _, i in new_backends])
+        backends.update_batch([(shared.u32(i), shared.backend_value(b.address, b.port, b.protocol.number))
+                               for b, i in new_backends])
+        for backend, backend_id in new_backends:
             self.backend_ids[backend] = backend_id
-            result.backends_added += 1
+        result.backends_added += len(new_backends)
 
-        # 2. new and changed services: slots, then the frontend, then surplus slots
-        for fe in sorted(desired.services):
+        # 2. new and changed services: all their slots, then their frontends, then surplus
+        #    slots (batched per step, so each frontend is still written after its own slots)
+        slot_writes, frontend_writes, surplus, new_ids = [], [], [], []
+        for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
             ids = tuple(self.backend_ids[b] for b in entry.backends)
             old = self.services.get(fe)
@@ -210,24 +222,26 @@ class Reconciler:
                 continue
             if old is None:
                 service_id = self.service_ids.allocate()
-                self._zero(SERVICE_STATS, service_id)
+                new_ids.append(service_id)
+                result.added += 1
             else:
                 service_id = old.service_id
+                result.updated += 1
             old_ids = old.backend_ids if old else ()
             for slot, backend_id in enumerate(ids, start=1):
                 if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
-                    services.update(_frontend_key(fe, slot),
-                                    shared.service_value(backend_id=backend_id, service_id=service_id))
-            services.update(_frontend_key(fe, 0),
-                            shared.service_value(count=len(ids), service_id=service_id,
-                                                 flags=shared.const("LB_SVC_F_CLUSTERIP")))
+                    slot_writes.append((_frontend_key(fe, slot),
+                                        shared.service_value(backend_id=backend_id, service_id=service_id)))
+            frontend_writes.append((_frontend_key(fe, 0),
+                                    shared.service_value(count=len(ids), service_id=service_id,
+                                                         flags=shared.const("LB_SVC_F_CLUSTERIP"))))
+            surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
             self.services[fe] = ProgrammedService(fe, service_id, ids)
-            for slot in range(len(ids) + 1, len(old_ids) + 1):
-                services.delete(_frontend_key(fe, slot))
-            if old is None:
-                result.added += 1
-            else:
-                result.updated += 1
+        self._zero(SERVICE_STATS, new_ids)
+        services.update_batch(slot_writes)
+        services.update_batch(frontend_writes)
+        for key in surplus:
+            services.delete(key)
 
         # 3. services no longer wanted: frontend first, then slots
         for fe in sorted(self.services.keys() - desired.services.keys()):
@@ -250,9 +264,11 @@ class Reconciler:
                 self.backend_alloc.release(backend_id)
                 result.backends_removed += 1
 
-    def _zero(self, stats_map: str, index: int) -> None:
-        if stats_map in self.maps:
-            self.maps[stats_map].update(shared.u32(index), shared.new("lb_stats"))
+    def _zero(self, stats_map: str, indexes: list[int]) -> None:
+        """Counters of a newly allocated id start at zero (the id may have served before)."""
+        if stats_map in self.maps and indexes:
+            zero = shared.new("lb_stats")
+            self.maps[stats_map].update_batch([(shared.u32(i), zero) for i in indexes])
 
     # --- for dumps ----------------------------------------------------------------------------------
 

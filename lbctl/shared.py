@@ -69,8 +69,8 @@ def fields(struct: str) -> list[str]:
 # --- byte order ---------------------------------------------------------------------------------
 
 def be32(address: str) -> int:
-    """IPv4 text -> the u32 whose in-memory bytes are network order."""
-    return int.from_bytes(ipaddress.IPv4Address(address).packed, "little")
+    """IPv4 text -> the u32 whose in-memory bytes are network order (strict dotted quad)."""
+    return int.from_bytes(socket.inet_pton(socket.AF_INET, address), "little")
 
 
 def from_be32(value: int) -> str:
@@ -87,9 +87,15 @@ def from_be16(value: int) -> int:
 
 # --- structs <-> bytes --------------------------------------------------------------------------
 
+_pointer_types: dict[str, object] = {}
+
+
 def new(struct: str, **values) -> bytes:
     """Builds a zeroed struct, sets fields, returns its bytes (padding stays zero)."""
-    obj = ffi.new(f"struct {struct} *")
+    ctype = _pointer_types.get(struct)
+    if ctype is None:
+        ctype = _pointer_types[struct] = ffi.typeof(f"struct {struct} *")
+    obj = ffi.new(ctype)
     for name, value in values.items():
         setattr(obj, name, value)
     return bytes(ffi.buffer(obj))
