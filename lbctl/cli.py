@@ -157,12 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true")
     bench.set_defaults(func=cmd_bench)
 
-    try:
-        from .kubeproxy import render_cmd
-    except ImportError:
-        render_cmd = None
-    if render_cmd is not None:
-        render_cmd.register(sub)
+    from .kubeproxy import render_cmd
+    render_cmd.register(sub)
     return parser
 
 
