@@ -24,6 +24,10 @@ BPF_TABLE_PINNED("hash", __u32, struct lb_backend, lb_backends,
 BPF_TABLE_PINNED("lru_hash", struct lb_ct_key, struct lb_ct_value, lb_ct,
 		 LB_CT_MAP_SIZE, LB_PIN_DIR "/lb_ct");
 
+/* sessionAffinity: ClientIP, per (client, service). LRU: old clients fall out first. */
+BPF_TABLE_PINNED("lru_hash", struct lb_affinity_key, struct lb_affinity_value, lb_affinity,
+		 LB_AFFINITY_MAP_SIZE, LB_PIN_DIR "/lb_affinity");
+
 /* Counters: per service id, per backend id, and datapath-wide (LB_STAT_*). */
 BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stats, lb_service_stats,
 		 LB_SERVICE_IDS, LB_PIN_DIR "/lb_service_stats");

@@ -22,6 +22,9 @@
 #ifndef LB_SERVICE_IDS
 #define LB_SERVICE_IDS 65536          /* service ids (counter index) 1..size-1 */
 #endif
+#ifndef LB_AFFINITY_MAP_SIZE
+#define LB_AFFINITY_MAP_SIZE 65536    /* sessionAffinity: ClientIP entries (client, service) */
+#endif
 #ifndef LB_CT_MAP_SIZE
 #define LB_CT_MAP_SIZE 262144         /* connection tracking entries (2 per flow) */
 #endif
@@ -38,6 +41,10 @@
 
 /* lb_service_value.flags (slot 0 only) */
 #define LB_SVC_F_CLUSTERIP 0x01       /* a ClusterIP frontend */
+#define LB_SVC_F_AFFINITY 0x02        /* sessionAffinity: ClientIP; timeout in affinity_timeout */
+
+/* lb_backend.flags */
+#define LB_BACKEND_F_DRAINING 0x01    /* in no slot: only established flows (and no affinity) */
 
 /* lb_ct_key.dir: the two entries kept per flow */
 #define LB_CT_FORWARD 0               /* client -> VIP: value names the chosen backend */
@@ -72,7 +79,10 @@ struct lb_service_key {
 };
 
 struct lb_service_value {
-	__u32 backend_id;             /* slots 1..count: id into lb_backends; slot 0: 0 */
+	union {
+		__u32 backend_id;     /* slots 1..count: id into lb_backends */
+		__u32 affinity_timeout; /* slot 0: sessionAffinity timeout, seconds */
+	};
 	__u16 count;                  /* slot 0: number of backend slots (0: no endpoints) */
 	__u16 flags;                  /* slot 0: LB_SVC_F_* */
 	__u32 service_id;             /* index into lb_service_stats; same in every slot */
@@ -107,6 +117,19 @@ struct lb_ct_value {
 	__u32 service_id;
 	__u64 expires;                /* bpf_ktime_get_ns() deadline */
 	__u64 refreshed;              /* last time `expires` was written */
+};
+
+/* lb_affinity: sessionAffinity ClientIP, as kube-proxy's `-m recent` / IPVS persistence: a
+ * client's new connections go to the backend its last one used, within the timeout. */
+struct lb_affinity_key {
+	__be32 client;
+	__u32 service_id;
+};
+
+struct lb_affinity_value {
+	__u32 backend_id;
+	__be32 address;               /* the backend's, to notice a recycled id */
+	__u64 last_used;              /* bpf_ktime_get_ns() of the last new connection */
 };
 
 /* lb_service_stats / lb_backend_stats: per-CPU counters, summed by `lbctl dump maps`. */

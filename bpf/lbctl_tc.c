@@ -103,6 +103,39 @@ static __always_inline struct lb_backend *lb_select_backend(const struct lb_serv
 	return lb_backends.lookup(backend_id);
 }
 
+/* sessionAffinity: ClientIP. The backend this client's last new connection used, if that was
+ * within the timeout and the backend still takes new flows. */
+static __always_inline struct lb_backend *lb_affinity_backend(const struct lb_packet *pkt,
+							      const struct lb_service_value *svc,
+							      __u32 *backend_id, __u64 now)
+{
+	struct lb_affinity_key key = { .client = pkt->saddr, .service_id = svc->service_id };
+	struct lb_affinity_value *aff = lb_affinity.lookup(&key);
+	struct lb_backend *backend;
+	__u32 id;
+
+	if (!aff || now - aff->last_used > (__u64)svc->affinity_timeout * 1000000000ULL)
+		return NULL;
+	id = aff->backend_id;
+	backend = lb_backends.lookup(&id);
+	if (!backend || backend->address != aff->address || (backend->flags & LB_BACKEND_F_DRAINING))
+		return NULL;
+	*backend_id = id;
+	return backend;
+}
+
+static __always_inline void lb_affinity_update(const struct lb_packet *pkt, __u32 service_id,
+					       __u32 backend_id, const struct lb_backend *backend,
+					       __u64 now)
+{
+	struct lb_affinity_key key = { .client = pkt->saddr, .service_id = service_id };
+	struct lb_affinity_value value = {
+		.backend_id = backend_id, .address = backend->address, .last_used = now,
+	};
+
+	lb_affinity.update(&key, &value);
+}
+
 static __always_inline int lb_ct_create(const struct lb_packet *pkt, const struct lb_backend *backend,
 					__u32 backend_id, __u32 service_id, __u64 now)
 {
@@ -169,11 +202,16 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 			return pkt->proto == IPPROTO_TCP ? lb_reject_tcp(skb, pkt)
 							 : lb_reject_udp(skb, pkt);
 		}
-		backend = lb_select_backend(frontend, svc, &backend_id);
+		if (svc->flags & LB_SVC_F_AFFINITY)
+			backend = lb_affinity_backend(pkt, svc, &backend_id, now);
+		if (!backend)
+			backend = lb_select_backend(frontend, svc, &backend_id);
 		if (!backend) {
 			lb_count(LB_STAT_NO_BACKEND);
 			return TC_ACT_SHOT;
 		}
+		if (svc->flags & LB_SVC_F_AFFINITY)
+			lb_affinity_update(pkt, service_id, backend_id, backend, now);
 		if (lb_ct_create(pkt, backend, backend_id, svc->service_id, now) < 0)
 			lb_count(LB_STAT_CT_FULL);
 		lb_count(LB_STAT_SVC_NEW_FLOW);

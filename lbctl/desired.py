@@ -81,8 +81,10 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
                 problems.append(Problem(obj, f"port {_describe(port)}: frontend {frontend} already "
                                              f"belongs to {owner.name}; skipped, {owner.name} keeps it"))
                 continue
+            affinity = (service.session_affinity_timeout
+                        if service.session_affinity == "ClientIP" else 0)
             entries[frontend] = ServiceEntry(frontend=frontend, name=info.name, backends=backends,
-                                             draining=draining)
+                                             draining=draining, affinity_timeout=affinity)
     return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
 
 

@@ -63,6 +63,7 @@ class ServiceRow:
     name: str
     frontend: str
     count: int
+    affinity_timeout: int = 0       # sessionAffinity ClientIP (s); 0: none
     flows: int = 0
     packets: int = 0
     bytes: int = 0
@@ -107,7 +108,8 @@ def collect(pin_dir: str) -> dict:
             if k.backend_slot == 0:
                 fe = (f"{shared.from_be32(k.address)}:{shared.from_be16(k.dport)}/"
                       f"{Protocol.from_number(k.proto).value}")
-                row = ServiceRow(v.service_id, names.get(v.service_id, ""), fe, v.count)
+                affinity = v.affinity_timeout if v.flags & shared.const("LB_SVC_F_AFFINITY") else 0
+                row = ServiceRow(v.service_id, names.get(v.service_id, ""), fe, v.count, affinity)
                 row.packets, row.bytes, row.flows = _sum_stats(svc_stats.lookup(shared.u32(v.service_id)))
                 rows[fe_key] = row
             else:
@@ -142,6 +144,8 @@ def format_table(state: dict) -> str:
     for s in state["services"]:
         label = s["name"] or "-"
         note = "" if s["count"] else "  (no endpoints: reject)"
+        if s["affinity_timeout"]:
+            note += f"  (affinity ClientIP {s['affinity_timeout']}s)"
         lines.append(f"{label:<28} {s['id']:>5} {s['frontend']:<26} {0:>4} {s['flows']:>8} "
                      f"{s['packets']:>9} {s['bytes']:>11}{note}")
         for b in s["backends"]:

@@ -35,8 +35,8 @@ TC_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 
 PROGRAM = "lb_tc_ingress"
-MAPS = ("lb_services", "lb_backends", "lb_ct", "lb_service_stats", "lb_backend_stats",
-        "lb_global_stats")
+MAPS = ("lb_services", "lb_backends", "lb_ct", "lb_affinity", "lb_service_stats",
+        "lb_backend_stats", "lb_global_stats")
 
 
 class DatapathError(RuntimeError):
@@ -52,6 +52,7 @@ class DatapathConfig:
     max_backends: int = 65536          # backend ids (distinct endpoint addresses)
     services_map_size: int = 131072    # frontends + backend slots
     ct_size: int = 262144              # conntrack entries, two per flow
+    affinity_size: int = 65536         # sessionAffinity entries (client, service)
     devices: tuple[str, ...] = DEFAULT_DEVICES
 
     def cflags(self) -> list[str]:
@@ -62,6 +63,7 @@ class DatapathConfig:
             f"-DLB_BACKENDS_MAP_SIZE={self.max_backends}",
             f"-DLB_SERVICES_MAP_SIZE={self.services_map_size}",
             f"-DLB_CT_MAP_SIZE={self.ct_size}",
+            f"-DLB_AFFINITY_MAP_SIZE={self.affinity_size}",
             "-Wno-unused-function",
         ]
 
@@ -80,6 +82,7 @@ class DatapathConfig:
             "lb_services": (s("lb_service_key"), s("lb_service_value"), self.services_map_size),
             "lb_backends": (4, s("lb_backend"), self.max_backends),
             "lb_ct": (s("lb_ct_key"), s("lb_ct_value"), self.ct_size),
+            "lb_affinity": (s("lb_affinity_key"), s("lb_affinity_value"), self.affinity_size),
             "lb_service_stats": (4, s("lb_stats"), self.max_services),
             "lb_backend_stats": (4, s("lb_stats"), self.max_backends),
             "lb_global_stats": (4, 8, shared.const("LB_STAT_MAX")),

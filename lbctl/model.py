@@ -187,6 +187,7 @@ class ServiceEntry:
     # Endpoints still in the slices but not chosen for new flows (terminating, not ready):
     # their established TCP flows keep going, as with kube-proxy's conntrack. Never UDP.
     draining: tuple[Backend, ...] = ()
+    affinity_timeout: int = 0              # sessionAffinity ClientIP timeout (s); 0: none
 
 
 @dataclass(frozen=True)

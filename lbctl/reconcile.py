@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 SERVICES, BACKENDS = "lb_services", "lb_backends"
 SERVICE_STATS, BACKEND_STATS = "lb_service_stats", "lb_backend_stats"
+AFFINITY = "lb_affinity"
+F_CLUSTERIP = shared.const("LB_SVC_F_CLUSTERIP")
+F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
+F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
 
 
 class FakeMap:
@@ -73,6 +77,7 @@ class ProgrammedService:
     frontend: Frontend
     service_id: int
     backend_ids: tuple[int, ...]   # slot i+1 holds backend_ids[i]
+    affinity_timeout: int = 0
 
 
 @dataclass
@@ -140,6 +145,7 @@ class Reconciler:
     def restore(self) -> None:
         """Rebuilds the mirror from the maps: what a restarted agent finds is what it keeps."""
         self.backend_ids: dict[Backend, int] = {}
+        self.backend_flags: dict[int, int] = {}
         self.service_ids = IdAllocator(self.max_services, "service")
         self.backend_alloc = IdAllocator(self.max_backends, "backend")
         self.services: dict[Frontend, ProgrammedService] = {}
@@ -149,8 +155,9 @@ class Reconciler:
             backend = Backend(shared.from_be32(b.address), shared.from_be16(b.port),
                               Protocol.from_number(b.proto))
             self.backend_ids[backend] = backend_id
+            self.backend_flags[backend_id] = b.flags
             self.backend_alloc.take(backend_id)
-        frontends: dict[Frontend, tuple[int, int]] = {}
+        frontends: dict[Frontend, tuple[int, int, int]] = {}
         slots: dict[Frontend, dict[int, int]] = {}
         for key, value in self.maps[SERVICES].items():
             k = shared.view("lb_service_key", key)
@@ -158,13 +165,14 @@ class Reconciler:
             fe = Frontend(shared.from_be32(k.address), shared.from_be16(k.dport),
                           Protocol.from_number(k.proto))
             if k.backend_slot == 0:
-                frontends[fe] = (v.service_id, v.count)
+                affinity = v.affinity_timeout if v.flags & F_AFFINITY else 0
+                frontends[fe] = (v.service_id, v.count, affinity)
             else:
                 slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
-        for fe, (service_id, count) in frontends.items():
+        for fe, (service_id, count, affinity) in frontends.items():
             have = slots.get(fe, {})
             ids = tuple(have.get(i, 0) for i in range(1, count + 1))
-            self.services[fe] = ProgrammedService(fe, service_id, ids)
+            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity)
             self.service_ids.take(service_id)
         # Slots beyond a frontend's count, or without a frontend, are leftovers of an
         # interrupted sync: remember them so the next sync deletes them.
@@ -209,6 +217,7 @@ class Reconciler:
                                for b, i in new_backends])
         for backend, backend_id in new_backends:
             self.backend_ids[backend] = backend_id
+            self.backend_flags[backend_id] = 0
         result.backends_added += len(new_backends)
 
         # 2. new and changed services: all their slots, then their frontends, then surplus
@@ -218,7 +227,7 @@ class Reconciler:
             entry = desired.services[fe]
             ids = tuple(self.backend_ids[b] for b in entry.backends)
             old = self.services.get(fe)
-            if old is not None and old.backend_ids == ids:
+            if old is not None and (old.backend_ids, old.affinity_timeout) == (ids, entry.affinity_timeout):
                 continue
             if old is None:
                 service_id = self.service_ids.allocate()
@@ -232,37 +241,55 @@ class Reconciler:
                 if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
                     slot_writes.append((_frontend_key(fe, slot),
                                         shared.service_value(backend_id=backend_id, service_id=service_id)))
+            flags = F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
             frontend_writes.append((_frontend_key(fe, 0),
-                                    shared.service_value(count=len(ids), service_id=service_id,
-                                                         flags=shared.const("LB_SVC_F_CLUSTERIP"))))
+                                    shared.service_value(count=len(ids), service_id=service_id, flags=flags,
+                                                         affinity_timeout=entry.affinity_timeout)))
             surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
-            self.services[fe] = ProgrammedService(fe, service_id, ids)
+            self.services[fe] = ProgrammedService(fe, service_id, ids, entry.affinity_timeout)
         self._zero(SERVICE_STATS, new_ids)
         services.update_batch(slot_writes)
         services.update_batch(frontend_writes)
         for key in surplus:
             services.delete(key)
 
-        # 3. services no longer wanted: frontend first, then slots
+        # 3. services no longer wanted: frontend first, then slots (and affinity entries, whose
+        #    service id may serve another service next)
+        forgotten = set()
         for fe in sorted(self.services.keys() - desired.services.keys()):
             old = self.services[fe]
+            if old.affinity_timeout:
+                forgotten.add(old.service_id)
             services.delete(_frontend_key(fe, 0))
             for slot in range(1, len(old.backend_ids) + 1):
                 services.delete(_frontend_key(fe, slot))
             del self.services[fe]
             self.service_ids.release(old.service_id)
             result.removed += 1
+        if forgotten and AFFINITY in self.maps:
+            for key, _ in list(self.maps[AFFINITY].items()):
+                if shared.view("lb_affinity_key", key).service_id in forgotten:
+                    self.maps[AFFINITY].delete(key)
 
-        # 4. backends no slot names any more (flows pinned to them choose again)
-        referenced = {i for s in self.services.values() for i in s.backend_ids}
-        referenced |= {self.backend_ids[b] for e in desired.services.values() for b in e.draining
-                       if b in self.backend_ids}
+        # 4. backends: those in no slot but still draining established flows are flagged (no
+        #    new flow, no affinity); the rest no slot names any more are deleted (their flows
+        #    choose again)
+        in_slots = {i for s in self.services.values() for i in s.backend_ids}
+        draining = {self.backend_ids[b] for e in desired.services.values() for b in e.draining
+                    if b in self.backend_ids} - in_slots
         for backend, backend_id in sorted(self.backend_ids.items(), key=lambda kv: kv[1]):
-            if backend_id not in referenced:
+            if backend_id not in in_slots and backend_id not in draining:
                 backends.delete(shared.u32(backend_id))
                 del self.backend_ids[backend]
+                self.backend_flags.pop(backend_id, None)
                 self.backend_alloc.release(backend_id)
                 result.backends_removed += 1
+                continue
+            flags = F_DRAINING if backend_id in draining else 0
+            if self.backend_flags.get(backend_id) != flags:
+                backends.update(shared.u32(backend_id), shared.backend_value(
+                    backend.address, backend.port, backend.protocol.number, flags))
+                self.backend_flags[backend_id] = flags
 
     def _zero(self, stats_map: str, indexes: list[int]) -> None:
         """Counters of a newly allocated id start at zero (the id may have served before)."""

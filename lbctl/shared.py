@@ -26,7 +26,8 @@ typedef uint16_t __be16;
 typedef uint32_t __be32;
 """
 
-STRUCTS = ("lb_service_key", "lb_service_value", "lb_backend", "lb_ct_key", "lb_ct_value", "lb_stats")
+STRUCTS = ("lb_service_key", "lb_service_value", "lb_backend", "lb_ct_key", "lb_ct_value",
+           "lb_affinity_key", "lb_affinity_value", "lb_stats")
 
 
 def _cdef_source(text: str) -> str:
@@ -113,7 +114,12 @@ def service_key(address: str, port: int, proto: int, slot: int = 0, scope: int =
                proto=proto, scope=scope)
 
 
-def service_value(backend_id: int = 0, count: int = 0, flags: int = 0, service_id: int = 0) -> bytes:
+def service_value(backend_id: int = 0, count: int = 0, flags: int = 0, service_id: int = 0,
+                  affinity_timeout: int = 0) -> bytes:
+    """A slot (backend_id) or a frontend (count, flags, affinity_timeout): they share a union."""
+    if affinity_timeout:
+        return new("lb_service_value", affinity_timeout=affinity_timeout, count=count,
+                   flags=flags, service_id=service_id)
     return new("lb_service_value", backend_id=backend_id, count=count, flags=flags,
                service_id=service_id)
 

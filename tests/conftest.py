@@ -33,7 +33,7 @@ def loaded_datapath():
 def clear_maps(dp: ebpf.EbpfDatapath) -> None:
     from lbctl import shared
 
-    for name in ("lb_services", "lb_backends", "lb_ct"):
+    for name in ("lb_services", "lb_backends", "lb_ct", "lb_affinity"):
         m = dp.maps[name]
         for key in list(m.keys()):
             m.delete(key)

@@ -5,6 +5,7 @@ lbctl.packets."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
@@ -24,15 +25,15 @@ CLIENT, VIP = "10.244.0.2", "10.96.0.10"
 B1, B2, B3 = "10.244.0.11", "10.244.0.12", "10.244.0.13"
 
 
-def program(dp, services: dict[str, tuple]) -> None:
-    """services: "vip:port/proto" -> backend "ip:port" strings."""
+def program(dp, services: dict[str, tuple], affinity: int = 0) -> None:
+    """services: name -> ("vip:port/proto", [backend "ip:port", ...])."""
     entries = {}
     for name, (frontend, backends) in services.items():
         addr, rest = frontend.split(":")
         port, proto = rest.split("/")
         fe = Frontend(addr, int(port), Protocol(proto))
         bes = [Backend(b.split(":")[0], int(b.split(":")[1]), fe.protocol) for b in backends]
-        entries[fe] = entry(name, fe, *bes)
+        entries[fe] = dataclasses.replace(entry(name, fe, *bes), affinity_timeout=affinity)
     result = dp.reconciler.sync(DesiredState(entries))
     assert not result.errors
 
@@ -239,3 +240,34 @@ def test_no_endpoints_udp_gets_port_unreachable(datapath):
     quoted = bytes(p[ICMP].payload)
     assert quoted == pkt[14:14 + 28]   # offending IP header + 8 bytes
     assert global_stat(datapath, "no_backend") == 1
+
+
+THREE = {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080", f"{B2}:8080", f"{B3}:8080"])}
+
+
+def test_session_affinity_sends_a_client_back_to_its_backend(datapath):
+    program(datapath, THREE, affinity=10800)
+    first = Ether(run(datapath, frame(CLIENT, VIP, 30000, 80, "tcp"))[1])[IP].dst
+    for sport in range(30001, 30050):   # new connections from the same client
+        assert Ether(run(datapath, frame(CLIENT, VIP, sport, 80, "tcp"))[1])[IP].dst == first
+    others = {Ether(run(datapath, frame(f"10.244.1.{i}", VIP, 30000, 80, "tcp"))[1])[IP].dst
+              for i in range(2, 60)}
+    assert others == {B1, B2, B3}, "other clients still spread"
+
+
+def test_session_affinity_gives_up_a_backend_that_left(datapath):
+    program(datapath, THREE, affinity=10800)
+    first = Ether(run(datapath, frame(CLIENT, VIP, 30100, 80, "tcp"))[1])[IP].dst
+    remaining = [b for b in (B1, B2, B3) if b != first]
+    program(datapath, {"default/web:http": (f"{VIP}:80/TCP", [f"{b}:8080" for b in remaining])},
+            affinity=10800)
+    chosen = Ether(run(datapath, frame(CLIENT, VIP, 30101, 80, "tcp"))[1])[IP].dst
+    assert chosen in remaining
+    assert all(Ether(run(datapath, frame(CLIENT, VIP, p, 80, "tcp"))[1])[IP].dst == chosen
+               for p in range(30102, 30120))
+
+
+def test_without_affinity_one_client_spreads(datapath):
+    program(datapath, THREE)
+    seen = {Ether(run(datapath, frame(CLIENT, VIP, p, 80, "tcp"))[1])[IP].dst for p in range(30200, 30260)}
+    assert seen == {B1, B2, B3}

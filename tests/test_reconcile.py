@@ -1,6 +1,8 @@
 """The reconciler against in-memory maps: write order, restart, failure and retry."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from lbctl import shared
@@ -17,7 +19,7 @@ def be(i: int, port: int = 8080, proto=TCP) -> Backend:
 
 
 def maps() -> dict:
-    return {SERVICES: FakeMap(SERVICES), BACKENDS: FakeMap(BACKENDS),
+    return {SERVICES: FakeMap(SERVICES), BACKENDS: FakeMap(BACKENDS), "lb_affinity": FakeMap("a"),
             "lb_service_stats": FakeMap("s", percpu=True), "lb_backend_stats": FakeMap("b", percpu=True)}
 
 
@@ -141,14 +143,38 @@ def test_leftover_slots_from_an_interrupted_sync_are_removed():
     assert contents(m) == {("10.96.0.10", 80): (1, ["10.244.0.2"])}
 
 
-def test_draining_backend_stays_in_the_backend_map():
+def backend_flags(m) -> dict:
+    return {shared.from_be32(shared.view("lb_backend", v).address): shared.view("lb_backend", v).flags
+            for v in m[BACKENDS].data.values()}
+
+
+def test_draining_backend_stays_in_the_backend_map_flagged():
     m = maps()
     r = Reconciler(m, 100, 100)
     r.sync(state(entry("w", WEB, be(2), be(3))))
     e = entry("w", WEB, be(2))
-    r.sync(state(type(e)(e.frontend, e.name, e.backends, draining=(be(3),))))
-    assert len(m[BACKENDS].data) == 2
+    r.sync(state(dataclasses.replace(e, draining=(be(3),))))
     assert contents(m) == {("10.96.0.10", 80): (1, ["10.244.0.2"])}
+    draining = shared.const("LB_BACKEND_F_DRAINING")
+    assert backend_flags(m) == {"10.244.0.2": 0, "10.244.0.3": draining}
+    assert Reconciler(m, 100, 100).backend_flags == r.backend_flags, "restored"
+    r.sync(state(entry("w", WEB, be(2), be(3))))   # ready again
+    assert backend_flags(m) == {"10.244.0.2": 0, "10.244.0.3": 0}
+
+
+def test_affinity_is_programmed_restored_and_forgotten():
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    desired = state(dataclasses.replace(entry("w", WEB, be(2)), affinity_timeout=600))
+    r.sync(desired)
+    frontend = shared.view("lb_service_value", m[SERVICES].data[shared.service_key("10.96.0.10", 80, 6)])
+    assert frontend.affinity_timeout == 600 and frontend.flags & shared.const("LB_SVC_F_AFFINITY")
+    assert not Reconciler(m, 100, 100).sync(desired).changed, "restored with its timeout"
+    sid = r.services[WEB].service_id
+    m["lb_affinity"].update(shared.new("lb_affinity_key", client=1, service_id=sid), b"\0" * 16)
+    m["lb_affinity"].update(shared.new("lb_affinity_key", client=1, service_id=sid + 1), b"\0" * 16)
+    r.sync(state())
+    assert [shared.view("lb_affinity_key", k).service_id for k in m["lb_affinity"].data] == [sid + 1]
 
 
 def test_running_out_of_ids_is_a_clear_error():
