@@ -6,8 +6,10 @@ A failed sync is retried on the next turn from a fresh read of the kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -20,7 +22,7 @@ from .reconcile import SyncResult
 log = logging.getLogger("lbctl.agent")
 
 RTMGRP_LINK = 1
-LINK_RESYNC_SECONDS = 30.0   # full link scan, in case netlink events were lost (ENOBUFS)
+LINK_RESYNC_SECONDS = 30.0   # full link scan even without events, as a safety net
 
 
 @dataclass
@@ -84,12 +86,11 @@ class Agent:
 
         stop = stop or threading.Event()
         deadline = time.monotonic() + max_seconds if max_seconds else None
-        watches_links = hasattr(self.mode, "link_event")
+        watches_links = hasattr(self.mode, "attach_links")
         self.mode.start()
         try:
-            with IPRoute() as ipr, IPRoute() as events:
+            with IPRoute() as ipr, link_events() as events:
                 if watches_links:
-                    events.bind(groups=RTMGRP_LINK)
                     self.mode.attach_links(ipr)
                 last_scan = time.monotonic()
                 while not stop.is_set():
@@ -103,16 +104,38 @@ class Agent:
                     if not watches_links:
                         stop.wait(self.options.interval)
                         continue
-                    ready, _, _ = select.select([events.fileno()], [], [], self.options.interval)
-                    if ready:
-                        try:
-                            for msg in events.get():
-                                self.mode.link_event(ipr, msg)
-                        except OSError as exc:  # ENOBUFS: events lost, rescan below
-                            log.warning("link events lost (%s): rescanning links", exc)
-                            last_scan = 0.0
-                    if time.monotonic() - last_scan > LINK_RESYNC_SECONDS:
+                    ready, _, _ = select.select([events], [], [], self.options.interval)
+                    # A link appeared or vanished (or events were lost): rescan. Link events
+                    # are rare (a pod starting or stopping), a scan is one netlink dump.
+                    if (ready and drain(events)) or time.monotonic() - last_scan > LINK_RESYNC_SECONDS:
                         self.mode.attach_links(ipr)
                         last_scan = time.monotonic()
         finally:
             self.mode.stop(self.options.detach_on_exit)
+
+
+@contextlib.contextmanager
+def link_events():
+    """A netlink socket subscribed to link notifications (RTMGRP_LINK), non-blocking."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        sock.bind((0, RTMGRP_LINK))
+        sock.setblocking(False)
+        yield sock
+    finally:
+        sock.close()
+
+
+def drain(sock: socket.socket) -> bool:
+    """Reads every pending notification; True if there was any (or some were lost)."""
+    seen = False
+    while True:
+        try:
+            if not sock.recv(1 << 16):
+                return seen
+            seen = True
+        except BlockingIOError:
+            return seen
+        except OSError as exc:  # ENOBUFS: the kernel dropped events; a rescan catches up
+            log.warning("link events lost (%s): rescanning links", exc)
+            seen = True

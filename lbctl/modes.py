@@ -11,7 +11,8 @@ A mode is given every service port with its endpoints (``ServicePortInfo``, the 
     stop(detach)            release resources; with detach, also remove every kernel object
     cleanup()               (class method) remove this mode's kernel objects, whoever made them
 
-Modes that attach to links (eBPF) also have ``attach_links(ipr)`` and ``link_event(ipr, msg)``.
+Modes that attach to links (eBPF) also have ``attach_links(ipr)``, called at start and whenever
+links come or go.
 """
 from __future__ import annotations
 
@@ -24,8 +25,6 @@ from .model import DesiredState, ServicePortInfo
 from .reconcile import Reconciler, SyncResult
 
 log = logging.getLogger("lbctl.mode")
-
-RTM_NEWLINK, RTM_DELLINK = 16, 17
 
 
 class Mode(Protocol):
@@ -90,16 +89,6 @@ class EbpfMode:
                 self._attach(ipr, index, name)
         for index in set(self.attached) - set(present):
             log.info("link %s is gone", self.attached.pop(index))
-
-    def link_event(self, ipr, msg) -> None:
-        name = msg.get_attr("IFLA_IFNAME")
-        index = msg["index"]
-        if msg["header"]["type"] == RTM_DELLINK:
-            if self.attached.pop(index, None):
-                log.info("link %s is gone", name)
-        elif msg["header"]["type"] == RTM_NEWLINK and name and ebpf.matches(name, self.cfg.devices):
-            if index not in self.attached:
-                self._attach(ipr, index, name)
 
     def _attach(self, ipr, index: int, name: str) -> None:
         try:
