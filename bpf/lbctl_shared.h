@@ -52,6 +52,12 @@
 
 /* lb_ct_value.flags */
 #define LB_CT_F_CLOSING 0x01          /* FIN or RST seen: a new SYN on this tuple is a new flow */
+#define LB_CT_F_HAIRPIN 0x02          /* a pod reached itself: source rewritten to LB_HAIRPIN_ADDR */
+
+/* Hairpin: a pod whose connection to its own service lands on itself would receive a packet
+ * from its own address, which Linux drops as martian. As kube-proxy masquerades such flows,
+ * lbctl rewrites their source to this link-local address (Cilium's choice too), host order. */
+#define LB_HAIRPIN_ADDR 0xa9fe2a01    /* 169.254.42.1 */
 
 /* Datapath-wide counters: index into the lb_global_stats per-CPU array. */
 #define LB_STAT_PASS_NOT_IP 0         /* not IPv4 (ARP, IPv6...): passed untouched */

@@ -137,7 +137,7 @@ static __always_inline void lb_affinity_update(const struct lb_packet *pkt, __u3
 }
 
 static __always_inline int lb_ct_create(const struct lb_packet *pkt, const struct lb_backend *backend,
-					__u32 backend_id, __u32 service_id, __u64 now)
+					__u32 backend_id, __u32 service_id, __u64 now, __u8 flags)
 {
 	struct lb_ct_key key = {};
 	struct lb_ct_value value = {};
@@ -146,10 +146,11 @@ static __always_inline int lb_ct_create(const struct lb_packet *pkt, const struc
 	value.refreshed = now;
 	value.service_id = service_id;
 	value.backend_id = backend_id;
+	value.flags = flags;
 
 	/* The reply entry first: once the forward entry exists, replies must be translatable. */
 	key.saddr = backend->address;
-	key.daddr = pkt->saddr;
+	key.daddr = (flags & LB_CT_F_HAIRPIN) ? bpf_htonl(LB_HAIRPIN_ADDR) : pkt->saddr;
 	key.sport = backend->port;
 	key.dport = pkt->sport;
 	key.proto = pkt->proto;
@@ -179,6 +180,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 	};
 	struct lb_backend *backend = NULL;
 	struct lb_ct_value *ct;
+	__u8 ct_flags = 0;
 	__u32 backend_id = 0;
 	__u32 service_id = svc->service_id;
 	__u64 now = bpf_ktime_get_ns();
@@ -189,6 +191,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		backend = lb_ct_backend(ct, pkt, now);
 		if (backend) {
 			backend_id = ct->backend_id;
+			ct_flags = ct->flags;
 			lb_ct_touch(ct, pkt, now);
 			lb_count(LB_STAT_SVC_CT_HIT);
 		} else {
@@ -212,14 +215,18 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		}
 		if (svc->flags & LB_SVC_F_AFFINITY)
 			lb_affinity_update(pkt, service_id, backend_id, backend, now);
-		if (lb_ct_create(pkt, backend, backend_id, svc->service_id, now) < 0)
+		if (backend->address == pkt->saddr)
+			ct_flags = LB_CT_F_HAIRPIN;
+		if (lb_ct_create(pkt, backend, backend_id, svc->service_id, now, ct_flags) < 0)
 			lb_count(LB_STAT_CT_FULL);
 		lb_count(LB_STAT_SVC_NEW_FLOW);
 		new_flow = 1;
 	}
 	lb_stats_add(lb_service_stats.lookup(&service_id), skb->len, new_flow);
 	lb_stats_add(lb_backend_stats.lookup(&backend_id), skb->len, new_flow);
-	if (lb_nat_rewrite(skb, pkt, 0, backend->address, backend->port) < 0) {
+	if (lb_nat_rewrite(skb, pkt, 0, backend->address, backend->port) < 0 ||
+	    ((ct_flags & LB_CT_F_HAIRPIN) &&
+	     lb_nat_rewrite(skb, pkt, 1, bpf_htonl(LB_HAIRPIN_ADDR), pkt->sport) < 0)) {
 		lb_count(LB_STAT_NAT_FAILED);
 		return TC_ACT_SHOT;
 	}
@@ -230,7 +237,9 @@ static __always_inline int lb_reply_packet(struct __sk_buff *skb, const struct l
 					   struct lb_ct_value *ct)
 {
 	lb_ct_touch(ct, pkt, bpf_ktime_get_ns());
-	if (lb_nat_rewrite(skb, pkt, 1, ct->nat_address, ct->nat_port) < 0) {
+	/* hairpin: the reply goes to LB_HAIRPIN_ADDR; send it back to the pod itself */
+	if (lb_nat_rewrite(skb, pkt, 1, ct->nat_address, ct->nat_port) < 0 ||
+	    ((ct->flags & LB_CT_F_HAIRPIN) && lb_nat_rewrite(skb, pkt, 0, pkt->saddr, pkt->dport) < 0)) {
 		lb_count(LB_STAT_NAT_FAILED);
 		return TC_ACT_SHOT;
 	}

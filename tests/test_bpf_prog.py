@@ -271,3 +271,20 @@ def test_without_affinity_one_client_spreads(datapath):
     program(datapath, THREE)
     seen = {Ether(run(datapath, frame(CLIENT, VIP, p, 80, "tcp"))[1])[IP].dst for p in range(30200, 30260)}
     assert seen == {B1, B2, B3}
+
+
+def test_hairpin_is_rewritten_to_the_hairpin_address_and_back(datapath):
+    """A pod reaching itself through its service: Linux would drop a packet from its own
+    address, so the source becomes LB_HAIRPIN_ADDR; the reply is translated back."""
+    import ipaddress
+    hairpin = str(ipaddress.IPv4Address(shared.const("LB_HAIRPIN_ADDR")))
+    program(datapath, {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080"])})
+    verdict, out = run(datapath, frame(B1, VIP, 40060, 80, "tcp"))
+    p = assert_checksums_valid(out)
+    assert (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport) == (hairpin, 40060, B1, 8080)
+    verdict, out = run(datapath, frame(B1, hairpin, 8080, 40060, "tcp", flags=TCP_SYN | TCP_ACK))
+    p = assert_checksums_valid(out)
+    assert (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport) == (VIP, 80, B1, 40060)
+    # a second packet of the flow is hairpinned the same way
+    p = assert_checksums_valid(run(datapath, frame(B1, VIP, 40060, 80, "tcp", flags=TCP_ACK))[1])
+    assert (p[IP].src, p[IP].dst) == (hairpin, B1)

@@ -245,3 +245,13 @@ def test_teardown_leaves_nothing_behind(tmp_path):
                              shell=True, capture_output=True, text=True).stdout
     assert agent.cfg.tc_name not in filters
     assert not os.path.exists(pin_dir)
+
+
+def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):
+    state, _ = cluster
+    pod = state.pods["web-0"]
+    report = request_spread(pod.ns, "tcp", "10.96.0.10:80", 150)
+    assert sum(report["errors"].values()) == 0, report
+    assert "web-0" in report["answers"], report
+    # answers from the pod itself came from the hairpin address, the others from its own IP
+    assert set(report["peers"]) == {"169.254.42.1", pod.ip}, report
