@@ -77,6 +77,19 @@ static __always_inline void lb_fill_ip(struct iphdr *ip, __be32 saddr, __be32 da
 	ip->check = lb_csum_fold(bpf_csum_diff(0, 0, (__be32 *)ip, sizeof(*ip), 0));
 }
 
+/* The TCP header behind an Ethernet and a 20-byte IP header, or NULL if the packet is shorter.
+ * Callers derive the IP and Ethernet headers from it: the bounds check covers them too. */
+static __always_inline struct tcphdr *lb_tcp_header(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct tcphdr *tcp = data + sizeof(struct ethhdr) + sizeof(struct iphdr);
+
+	if ((void *)(tcp + 1) > data_end)
+		return NULL;
+	return tcp;
+}
+
 /* kube-proxy REJECTs traffic for a service without endpoints; so do we, answering in place
  * and sending the answer back out of the interface it came in by:
  *   TCP: a RST (RFC 9293 3.10.7.1, as netfilter's nf_send_reset builds it);
@@ -85,7 +98,6 @@ static __always_inline void lb_fill_ip(struct iphdr *ip, __be32 saddr, __be32 da
 static __always_inline int lb_reject_tcp(struct __sk_buff *skb, const struct lb_packet *pkt)
 {
 	struct pseudo { __be32 saddr, daddr; __u8 zero, proto; __be16 len; } ph = {};
-	void *data, *data_end;
 	struct ethhdr *eth;
 	struct iphdr *ip;
 	struct tcphdr *tcp;
@@ -96,13 +108,10 @@ static __always_inline int lb_reject_tcp(struct __sk_buff *skb, const struct lb_
 
 	if (pkt->ihl != sizeof(struct iphdr) || (pkt->tcp_flags & LB_TCP_RST))
 		return TC_ACT_SHOT;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	ip = (void *)(eth + 1);
-	tcp = (void *)(ip + 1);
-	if ((void *)(tcp + 1) > data_end)
+	tcp = lb_tcp_header(skb);
+	if (!tcp)
 		return TC_ACT_SHOT;
+	ip = (void *)tcp - sizeof(*ip);
 	payload = pkt->ip_len - sizeof(*ip) - tcp->doff * 4;
 	if (pkt->ip_len < sizeof(*ip) + tcp->doff * 4)
 		payload = 0;
@@ -117,13 +126,11 @@ static __always_inline int lb_reject_tcp(struct __sk_buff *skb, const struct lb_
 	}
 	if (bpf_skb_change_tail(skb, sizeof(*eth) + sizeof(*ip) + sizeof(*tcp), 0) < 0)
 		return TC_ACT_SHOT;
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	eth = data;
-	ip = (void *)(eth + 1);
-	tcp = (void *)(ip + 1);
-	if ((void *)(tcp + 1) > data_end)
+	tcp = lb_tcp_header(skb);  /* change_tail invalidated every packet pointer */
+	if (!tcp)
 		return TC_ACT_SHOT;
+	ip = (void *)tcp - sizeof(*ip);
+	eth = (void *)ip - sizeof(*eth);
 
 	lb_swap_macs(eth);
 	lb_fill_ip(ip, pkt->daddr, pkt->saddr, IPPROTO_TCP, sizeof(*ip) + sizeof(*tcp));
