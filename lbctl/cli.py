@@ -2,6 +2,7 @@
 
   lbctl run --manifests DIR      the agent (foreground)
   lbctl dump maps [--json]       what the datapath holds
+  lbctl trace SRC:P VIP:P/proto  which backend a packet goes to (reads the maps only)
   lbctl cleanup                  remove everything lbctl created
   lbctl lab up|down              a small cluster in network namespaces
   lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
@@ -73,6 +74,24 @@ def cmd_dump_maps(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from . import dump
+
+    src, _, sport = args.source.rpartition(":")
+    dst, _, rest = args.destination.rpartition(":")
+    dport, _, proto = rest.partition("/")
+    try:
+        for line in dump.trace(args.pin_dir, src, int(sport), dst, int(dport), proto or "tcp"):
+            print(line)
+    except (ValueError, KeyError) as exc:
+        print(f"lbctl trace: {exc}: use SRC_IP:PORT DST_IP:PORT[/tcp|udp]", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"lbctl trace: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
     pinned maps, the agent's state file, and labs that `lbctl lab up` built."""
@@ -133,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     maps.add_argument("--json", action="store_true")
     _datapath_args(maps)
     maps.set_defaults(func=cmd_dump_maps)
+
+    trace = sub.add_parser("trace", help="which backend a packet goes to (reads the maps only)")
+    trace.add_argument("source", help="client IP:port")
+    trace.add_argument("destination", help="service IP:port[/tcp|udp]")
+    _datapath_args(trace)
+    trace.set_defaults(func=cmd_trace)
 
     cleanup = sub.add_parser("cleanup", help="remove everything lbctl created")
     _datapath_args(cleanup)

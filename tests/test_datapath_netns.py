@@ -255,3 +255,25 @@ def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):
     assert "web-0" in report["answers"], report
     # answers from the pod itself came from the hairpin address, the others from its own IP
     assert set(report["peers"]) == {"169.254.42.1", pod.ip}, report
+
+
+def test_trace_names_the_backend_of_a_tracked_flow(cluster):
+    state, agent = cluster
+    from lbctl.dump import trace
+    sock = socket_in(client_ns(state))
+    try:
+        sock.settimeout(2)
+        sock.bind(("0.0.0.0", 0))
+        sock.connect(("10.96.0.53", 53))
+        sock.send(b"?")
+        pod = sock.recv(200).decode().split()[0]
+        port = sock.getsockname()[1]
+    finally:
+        sock.close()
+    client = state.pods[state.clients[0]].ip
+    lines = trace(AGENT_PIN_DIR, client, port, "10.96.0.53", 53, "udp")
+    assert "default/dns:dns" in lines[1]
+    assert f"{state.pods[pod].ip}:5353" in lines[2] and "tracked flow" in lines[2], lines
+    new = trace(AGENT_PIN_DIR, client, 1, "10.96.0.10", 80, "tcp")
+    assert new[2].startswith("new flow") and len(new) == 6, new
+    assert trace(AGENT_PIN_DIR, client, 1, "10.244.9.9", 80, "tcp")[1].startswith("no service")
