@@ -372,3 +372,16 @@ def test_udp_never_drains():
     (entry,) = state.services.values()
     assert entry.backends == (Backend("10.0.0.1", 53, UDP),)
     assert entry.draining == ()
+
+
+@pytest.mark.parametrize("affinity,timeout,expected", [
+    ("None", 10800, 0),
+    ("ClientIP", 10800, 10800),
+    ("ClientIP", 60, 60),
+])
+def test_session_affinity_carries_its_timeout(affinity, timeout, expected):
+    import dataclasses
+    service = dataclasses.replace(svc(), session_affinity=affinity, session_affinity_timeout=timeout)
+    state, problems = desired_state([info(service, None, EndpointInfo("10.244.0.5", 8080))])
+    assert not problems
+    assert [e.affinity_timeout for e in state.services.values()] == [expected]
