@@ -42,6 +42,8 @@
 /* lb_service_value.flags (slot 0 only) */
 #define LB_SVC_F_CLUSTERIP 0x01       /* a ClusterIP frontend */
 #define LB_SVC_F_AFFINITY 0x02        /* sessionAffinity: ClientIP; timeout in affinity_timeout */
+#define LB_SVC_F_DROP 0x04            /* count 0 means drop, not reject (internalTrafficPolicy
+				       * Local without a local endpoint, as kube-proxy does) */
 
 /* lb_backend.flags */
 #define LB_BACKEND_F_DRAINING 0x01    /* in no slot: only established flows (and no affinity) */

@@ -202,6 +202,8 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		if (svc->count == 0) {
 			lb_count(LB_STAT_NO_BACKEND);
 			lb_stats_add(lb_service_stats.lookup(&service_id), skb->len, 0);
+			if (svc->flags & LB_SVC_F_DROP)
+				return TC_ACT_SHOT;
 			return pkt->proto == IPPROTO_TCP ? lb_reject_tcp(skb, pkt)
 							 : lb_reject_udp(skb, pkt);
 		}

@@ -87,6 +87,7 @@ class Agent:
         stop = stop or threading.Event()
         deadline = time.monotonic() + max_seconds if max_seconds else None
         watches_links = hasattr(self.mode, "attach_links")
+        housekeeping = getattr(self.mode, "housekeeping", None)   # deferred kernel work (nftables)
         self.mode.start()
         try:
             with IPRoute() as ipr, link_events() as events:
@@ -101,6 +102,8 @@ class Agent:
                         self.sync_snapshot(snapshot)
                     elif getattr(self.mode, "needs_retry", False):
                         self.retry()
+                    if housekeeping is not None:
+                        housekeeping()
                     if not watches_links:
                         stop.wait(self.options.interval)
                         continue

@@ -1,9 +1,9 @@
 """lbctl: the command line.
 
-  lbctl run --manifests DIR      the agent (foreground)
+  lbctl run --manifests DIR [--mode ebpf|iptables|nftables|ipvs]   the agent (foreground)
   lbctl dump maps [--json]       what the datapath holds
   lbctl trace SRC:P VIP:P/proto  which backend a packet goes to (reads the maps only)
-  lbctl cleanup                  remove everything lbctl created
+  lbctl cleanup                  remove everything lbctl created (every mode's objects)
   lbctl lab up|down              a small cluster in network namespaces
   lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
   lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
@@ -34,26 +34,84 @@ def _datapath_args(p: argparse.ArgumentParser) -> None:
 
 def datapath_config(args) -> ebpf.DatapathConfig:
     devices = tuple(x for x in getattr(args, "devices", "").split(",") if x) or ebpf.DEFAULT_DEVICES
+    from .kubeproxy import proxier
+
     return ebpf.DatapathConfig(
         pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
-        services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices)
+        services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
+        node_name=args.node_name or proxier.node_name())
+
+
+def kube_proxy_settings(args) -> dict:
+    """--node-name/--node-ip/--cluster-cidr/... as kube-proxy config fields; ValueError if bad."""
+    from .kubeproxy import common, proxier
+
+    node_ips = list(args.node_ip or [])
+    if not node_ips:
+        primary = proxier.primary_ipv4()
+        if primary is None:
+            raise ValueError("no default route to take the node IP from: give --node-ip")
+        node_ips = [primary]
+    for ip in node_ips:
+        if common.parse_ip_sloppy(ip) is None:
+            raise ValueError(f"--node-ip {ip!r} is not an IP address")
+    cidrs = [c for c in (args.cluster_cidr or "").split(",") if c.strip()]
+    nodeport_addresses = tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
+    for cidr in cidrs + [c for c in nodeport_addresses if c != "primary"]:
+        if common.parse_cidr_sloppy(cidr) is None:
+            raise ValueError(f"{cidr!r} is not a CIDR (e.g. 10.244.0.0/16)")
+    return dict(node_name=args.node_name or proxier.node_name(), node_ips=tuple(node_ips),
+                cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
+                nodeport_addresses=nodeport_addresses)
+
+
+def build_mode(args):
+    """The datapath mode `lbctl run --mode` asks for (kube-proxy modes imported only when used)."""
+    if args.mode == "ebpf":
+        from .modes import EbpfMode
+        return EbpfMode(datapath_config(args))
+    settings = kube_proxy_settings(args)
+    if args.mode in ("iptables", "nftables"):
+        from .kubeproxy import iptables_mode, nftables_mode
+        from .kubeproxy.proxier import ProxierOptions
+
+        options = ProxierOptions(full_sync_every=args.full_sync_every, ebpf_pin_dir=args.pin_dir)
+        if args.mode == "iptables":
+            return iptables_mode.IptablesMode(iptables_mode.config_from(**settings), options)
+        return nftables_mode.NftablesMode(nftables_mode.config_from(**settings), options)
+    import dataclasses
+
+    from .modes import ipvs_mode_class
+    ipvs_mode = ipvs_mode_class()
+    if ipvs_mode is None:
+        raise ebpf.DatapathError("--mode ipvs: this build has no IPVS mode (lbctl.kubeproxy.ipvs)")
+    from .kubeproxy import ipvs
+    known = {f.name for f in dataclasses.fields(ipvs.IpvsConfig)}
+    return ipvs_mode(ipvs.IpvsConfig(**{k: v for k, v in settings.items() if k in known}))
 
 
 def cmd_run(args) -> int:
     from .agent import Agent, AgentOptions
     from .manifests import ManifestSource
 
-    if args.mode != "ebpf":
-        log.error("--mode %s: not available in this build (only ebpf)", args.mode)
+    try:
+        mode = build_mode(args)
+    except ValueError as exc:
+        log.error("lbctl run --mode %s: %s", args.mode, exc)
         return 2
-    cfg = datapath_config(args)
-    agent = Agent(ManifestSource(args.manifests, interval=args.interval), cfg,
-                  AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit))
+    except ebpf.DatapathError as exc:
+        log.error("%s", exc)
+        return 1
+    agent = Agent(ManifestSource(args.manifests, interval=args.interval), mode=mode,
+                  options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
-             ",".join(cfg.devices), cfg.pin_dir)
+    if args.mode == "ebpf":
+        log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
+                 ",".join(mode.cfg.devices), mode.cfg.pin_dir)
+    else:
+        log.info("lbctl run --mode %s: manifests %s", args.mode, args.manifests)
     try:
         agent.run(stop, max_seconds=args.max_seconds)
     except ebpf.DatapathError as exc:
@@ -94,12 +152,17 @@ def cmd_trace(args) -> int:
 
 def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
-    pinned maps, the agent's state file, and labs that `lbctl lab up` built."""
+    pinned maps, the agent's state file, the kube-proxy modes' rules (iptables chains and jump
+    rules, the nftables table, IPVS objects), and labs that `lbctl lab up` built."""
     from . import lab
+    from .modes import MODES, cleanup_mode
 
-    from .modes import EbpfMode
-
-    removed = EbpfMode.cleanup(ebpf.DatapathConfig(pin_dir=args.pin_dir))
+    removed, failed = [], []
+    for name in MODES:
+        try:
+            removed += cleanup_mode(name, args.pin_dir)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other modes
+            failed.append(f"{name} mode: {exc}")
     labs = []
     if not args.keep_labs:
         for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
@@ -108,8 +171,10 @@ def cmd_cleanup(args) -> int:
             labs.append(prefix)
     for what in removed:
         print(f"removed {what}")
+    for what in failed:
+        print(f"lbctl cleanup: {what}", file=sys.stderr)
     print(f"removed {len(removed)} datapath object(s); labs removed: {', '.join(labs) or 'none'}")
-    return 0
+    return 1 if failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -127,10 +192,29 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the agent in the foreground")
     run.add_argument("--manifests", default=DEFAULT_MANIFESTS,
                      help="directory of Service/EndpointSlice/Endpoints YAML (%(default)s)")
-    run.add_argument("--mode", default="ebpf", choices=["ebpf"], help="datapath (%(default)s)")
+    run.add_argument("--mode", default="ebpf", choices=["ebpf", "iptables", "nftables", "ipvs"],
+                     help="datapath: ebpf (tc programs and BPF maps), or kube-proxy v1.32's "
+                          "iptables, nftables or ipvs mode (%(default)s)")
     run.add_argument("--devices", default=",".join(ebpf.DEFAULT_DEVICES),
-                     help="comma-separated link name patterns to attach to (%(default)s)")
+                     help="ebpf: comma-separated link name patterns to attach to (%(default)s)")
     _datapath_args(run)
+    kp = run.add_argument_group("kube-proxy modes (iptables, nftables, ipvs)")
+    kp.add_argument("--node-name", default=None, metavar="NAME",
+                    help="this node's name, for endpoint locality (internalTrafficPolicy, "
+                         "externalTrafficPolicy Local; all modes; default: the hostname)")
+    kp.add_argument("--node-ip", action="append", default=[], metavar="IP",
+                    help="a node address, the first is the primary (repeat for more; default: the "
+                         "source address of the default route)")
+    kp.add_argument("--cluster-cidr", default=None, metavar="CIDR[,CIDR]",
+                    help="pod CIDR(s): traffic from elsewhere to a cluster IP is masqueraded; "
+                         "without it nothing is, unless --masquerade-all")
+    kp.add_argument("--masquerade-all", action="store_true", help="SNAT all service traffic")
+    kp.add_argument("--nodeport-addresses", default="", metavar="CIDR[,CIDR...]",
+                    help='addresses that accept NodePorts, or "primary" (default: iptables every '
+                         'local address, nftables "primary")')
+    kp.add_argument("--full-sync-every", type=int, default=10, metavar="N",
+                    help="iptables/nftables: every Nth sync rewrites everything, the others only "
+                         "what changed (%(default)s)")
     run.add_argument("--max-services", type=int, default=d.max_services,
                      help="service ids, one per VIP:port/proto (%(default)s)")
     run.add_argument("--max-backends", type=int, default=d.max_backends,

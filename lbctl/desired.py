@@ -7,6 +7,7 @@ result, whatever order the objects came in, so a sync can compare desired agains
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from typing import Iterable, Sequence
 
@@ -44,7 +45,8 @@ def service_ports(snapshot: ClusterSnapshot) -> tuple[ServicePortInfo, ...]:
     return tuple(infos)
 
 
-def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple[Problem, ...]]:
+def desired_state(ports: Iterable[ServicePortInfo],
+                  node_name: str | None = None) -> tuple[DesiredState, tuple[Problem, ...]]:
     """The eBPF datapath's frontends: one ``ServiceEntry`` per IPv4 cluster IP, port and protocol.
 
     ``backends`` take new flows; ``draining`` lists the other TCP endpoints still in the slices,
@@ -54,6 +56,9 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
     SCTP and IPv6 are not handled by the datapath yet: one Problem per service port. When two
     services claim the same frontend the first by service key keeps it, so the outcome does not
     depend on input order.
+
+    ``internalTrafficPolicy: Local`` keeps only endpoints on ``node_name`` (this node); without
+    any, the frontend drops instead of rejecting, as kube-proxy does.
     """
     entries: dict[Frontend, ServiceEntry] = {}
     problems: list[Problem] = []
@@ -70,6 +75,10 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
         if ipv6:
             problems.append(Problem(obj, f"port {_describe(port)} on {', '.join(ipv6)}: IPv6 is not "
                                          f"supported by the eBPF datapath yet; skipped"))
+        local_only = service.internal_traffic_policy == "Local"
+        if local_only:
+            info = dataclasses.replace(info, endpoints=tuple(
+                e for e in info.endpoints if node_name is not None and e.node_name == node_name))
         backends = _backends(info)
         draining = _draining(info, backends)
         for ip in service.cluster_ips:
@@ -84,7 +93,8 @@ def desired_state(ports: Iterable[ServicePortInfo]) -> tuple[DesiredState, tuple
             affinity = (service.session_affinity_timeout
                         if service.session_affinity == "ClientIP" else 0)
             entries[frontend] = ServiceEntry(frontend=frontend, name=info.name, backends=backends,
-                                             draining=draining, affinity_timeout=affinity)
+                                             draining=draining, affinity_timeout=affinity,
+                                             drop_without_backends=local_only)
     return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
 
 

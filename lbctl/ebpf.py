@@ -12,7 +12,8 @@ import fnmatch
 import logging
 import os
 import platform
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import shared
@@ -54,6 +55,7 @@ class DatapathConfig:
     ct_size: int = 262144              # conntrack entries, two per flow
     affinity_size: int = 65536         # sessionAffinity entries (client, service)
     devices: tuple[str, ...] = DEFAULT_DEVICES
+    node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
 
     def cflags(self) -> list[str]:
         return [

@@ -188,6 +188,7 @@ class ServiceEntry:
     # their established TCP flows keep going, as with kube-proxy's conntrack. Never UDP.
     draining: tuple[Backend, ...] = ()
     affinity_timeout: int = 0              # sessionAffinity ClientIP timeout (s); 0: none
+    drop_without_backends: bool = False    # no backends: drop (iTP Local) instead of reject
 
 
 @dataclass(frozen=True)

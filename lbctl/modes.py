@@ -12,7 +12,18 @@ A mode is given every service port with its endpoints (``ServicePortInfo``, the 
     cleanup()               (class method) remove this mode's kernel objects, whoever made them
 
 Modes that attach to links (eBPF) also have ``attach_links(ipr)``, called at start and whenever
-links come or go.
+links come or go. Modes with deferred kernel work (nftables deletes stale chains a second after
+unlinking them) have ``housekeeping()``, which the agent calls between syncs.
+
+Switching modes on a node: a mode's start(), once it knows it can run, removes the objects the
+other modes left (``cleanup_other_modes``), so a mode that cannot start leaves the previous one
+serving.
+
+    mode        class                                   kernel objects
+    ebpf        lbctl.modes.EbpfMode                    tc filters, pinned maps
+    iptables    lbctl.kubeproxy.iptables_mode           KUBE-* chains (nat, filter), jump rules
+    nftables    lbctl.kubeproxy.nftables_mode           table ip kube-proxy
+    ipvs        lbctl.kubeproxy.ipvs                    IPVS services, kube-ipvs0, ipsets, chains
 """
 from __future__ import annotations
 
@@ -25,6 +36,8 @@ from .model import DesiredState, ServicePortInfo
 from .reconcile import Reconciler, SyncResult
 
 log = logging.getLogger("lbctl.mode")
+
+MODES = ("ebpf", "iptables", "nftables", "ipvs")
 
 
 class Mode(Protocol):
@@ -56,13 +69,14 @@ class EbpfMode:
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
         self.reconciler = Reconciler(self.datapath.maps, self.cfg.max_services, self.cfg.max_backends)
+        cleanup_other_modes(self.name, self.cfg.pin_dir)
         log.info("eBPF datapath loaded; %d services and %d backends restored from %s",
                  len(self.reconciler.services), len(self.reconciler.backend_ids), self.cfg.pin_dir)
 
     def sync(self, ports: Sequence[ServicePortInfo] | None = None) -> SyncResult:
         """Programs `ports`; with None, retries the last desired state (after a failed sync)."""
         if ports is not None:
-            self.desired, self.problems = desired_state(ports)
+            self.desired, self.problems = desired_state(ports, self.cfg.node_name)
         result = self.reconciler.sync(self.desired)
         if not result.errors:
             dump.write_names(self.cfg.pin_dir, self.reconciler.service_names(self.desired))
@@ -121,3 +135,55 @@ class EbpfMode:
         maps = ebpf.remove_pins(cfg.pin_dir)
         dump.remove_names(cfg.pin_dir)
         return [f"tc filter on {name}" for name in links] + [f"pinned map {m}" for m in maps]
+
+
+# --- switching modes -----------------------------------------------------------------------------
+
+
+def ipvs_mode_class():
+    """lbctl.kubeproxy.ipvs.IpvsMode, or None where this build has no IPVS mode."""
+    try:
+        from .kubeproxy import ipvs
+    except ImportError:
+        return None
+    return getattr(ipvs, "IpvsMode", None)
+
+
+def cleanup_mode(name: str, ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR) -> list[str]:
+    """Removes the kernel objects of datapath mode ``name``; returns what was removed."""
+    if name == "ebpf":
+        return EbpfMode.cleanup(ebpf.DatapathConfig(pin_dir=ebpf_pin_dir))
+    if name == "iptables":
+        from .kubeproxy.iptables_mode import IptablesMode
+        return IptablesMode.cleanup()
+    if name == "nftables":
+        from .kubeproxy.nftables_mode import NftablesMode
+        return NftablesMode.cleanup()
+    if name == "ipvs":
+        mode = ipvs_mode_class()
+        return list(mode.cleanup()) if mode is not None and hasattr(mode, "cleanup") else []
+    raise ValueError(f"unknown mode {name!r} (one of {', '.join(MODES)})")
+
+
+def cleanup_other_modes(keep: str, ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR) -> list[str]:
+    """Removes what every mode but ``keep`` left on this node (switching modes).
+
+    A failure is logged and does not stop the new mode: leftovers of another mode are reported
+    by name, and `lbctl cleanup` removes them.
+    """
+    removed: list[str] = []
+    for name in MODES:
+        if name == keep:
+            continue
+        try:
+            found = cleanup_mode(name, ebpf_pin_dir)
+        except Exception as exc:   # noqa: BLE001 - another mode's leftovers must not stop this one
+            log.warning("%s mode: could not remove the %s mode's objects (%s); `lbctl cleanup` "
+                        "removes them", keep, name, exc)
+            continue
+        if found:
+            log.info("%s mode: removed %d object(s) left by the %s mode", keep, len(found), name)
+            for what in found:
+                log.debug("removed %s", what)
+        removed += found
+    return removed

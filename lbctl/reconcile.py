@@ -31,6 +31,7 @@ SERVICE_STATS, BACKEND_STATS = "lb_service_stats", "lb_backend_stats"
 AFFINITY = "lb_affinity"
 F_CLUSTERIP = shared.const("LB_SVC_F_CLUSTERIP")
 F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
+F_DROP = shared.const("LB_SVC_F_DROP")
 F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
 
 
@@ -78,6 +79,7 @@ class ProgrammedService:
     service_id: int
     backend_ids: tuple[int, ...]   # slot i+1 holds backend_ids[i]
     affinity_timeout: int = 0
+    flags: int = F_CLUSTERIP
 
 
 @dataclass
@@ -166,13 +168,13 @@ class Reconciler:
                           Protocol.from_number(k.proto))
             if k.backend_slot == 0:
                 affinity = v.affinity_timeout if v.flags & F_AFFINITY else 0
-                frontends[fe] = (v.service_id, v.count, affinity)
+                frontends[fe] = (v.service_id, v.count, affinity, v.flags)
             else:
                 slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
-        for fe, (service_id, count, affinity) in frontends.items():
+        for fe, (service_id, count, affinity, flags) in frontends.items():
             have = slots.get(fe, {})
             ids = tuple(have.get(i, 0) for i in range(1, count + 1))
-            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity)
+            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity, flags)
             self.service_ids.take(service_id)
         # Slots beyond a frontend's count, or without a frontend, are leftovers of an
         # interrupted sync: remember them so the next sync deletes them.
@@ -226,8 +228,11 @@ class Reconciler:
         for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
             ids = tuple(self.backend_ids[b] for b in entry.backends)
+            flags = (F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
+                     | (F_DROP if entry.drop_without_backends else 0))
             old = self.services.get(fe)
-            if old is not None and (old.backend_ids, old.affinity_timeout) == (ids, entry.affinity_timeout):
+            if old is not None and (old.backend_ids, old.affinity_timeout, old.flags) == (
+                    ids, entry.affinity_timeout, flags):
                 continue
             if old is None:
                 service_id = self.service_ids.allocate()
@@ -241,12 +246,11 @@ class Reconciler:
                 if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
                     slot_writes.append((_frontend_key(fe, slot),
                                         shared.service_value(backend_id=backend_id, service_id=service_id)))
-            flags = F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
             frontend_writes.append((_frontend_key(fe, 0),
                                     shared.service_value(count=len(ids), service_id=service_id, flags=flags,
                                                          affinity_timeout=entry.affinity_timeout)))
             surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
-            self.services[fe] = ProgrammedService(fe, service_id, ids, entry.affinity_timeout)
+            self.services[fe] = ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags)
         self._zero(SERVICE_STATS, new_ids)
         services.update_batch(slot_writes)
         services.update_batch(frontend_writes)

@@ -288,3 +288,13 @@ def test_hairpin_is_rewritten_to_the_hairpin_address_and_back(datapath):
     # a second packet of the flow is hairpinned the same way
     p = assert_checksums_valid(run(datapath, frame(B1, VIP, 40060, 80, "tcp", flags=TCP_ACK))[1])
     assert (p[IP].src, p[IP].dst) == (hairpin, B1)
+
+
+def test_no_local_endpoints_drops_instead_of_rejecting(datapath):
+    fe = Frontend(VIP, 80, Protocol.TCP)
+    e = dataclasses.replace(entry("default/web:http", fe), drop_without_backends=True)
+    assert not datapath.reconciler.sync(DesiredState({fe: e})).errors
+    pkt = frame(CLIENT, VIP, 40070, 80, "tcp")
+    verdict, out = run(datapath, pkt)
+    assert verdict == TC_ACT_SHOT and out == pkt
+    assert global_stat(datapath, "no_backend") == 1

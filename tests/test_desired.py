@@ -385,3 +385,19 @@ def test_session_affinity_carries_its_timeout(affinity, timeout, expected):
     state, problems = desired_state([info(service, None, EndpointInfo("10.244.0.5", 8080))])
     assert not problems
     assert [e.affinity_timeout for e in state.services.values()] == [expected]
+
+
+def test_internal_traffic_policy_local_keeps_this_nodes_endpoints_or_drops():
+    import dataclasses
+    service = dataclasses.replace(svc(), internal_traffic_policy="Local")
+    here = EndpointInfo("10.244.0.5", 8080, node_name="node-a")
+    there = EndpointInfo("10.244.1.5", 8080, node_name="node-b")
+    state, _ = desired_state([info(service, None, here, there)], node_name="node-a")
+    [entry] = state.services.values()
+    assert [b.address for b in entry.backends] == ["10.244.0.5"] and entry.drop_without_backends
+    state, _ = desired_state([info(service, None, there)], node_name="node-a")
+    [entry] = state.services.values()
+    assert entry.backends == () and entry.drop_without_backends, "no local endpoint: drop, not reject"
+    state, _ = desired_state([info(svc(), None, here, there)], node_name="node-a")
+    [entry] = state.services.values()
+    assert len(entry.backends) == 2 and not entry.drop_without_backends
