@@ -81,13 +81,10 @@ def build_mode(args):
         return nftables_mode.NftablesMode(nftables_mode.config_from(**settings), options)
     import dataclasses
 
-    from .modes import ipvs_mode_class
-    ipvs_mode = ipvs_mode_class()
-    if ipvs_mode is None:
-        raise ebpf.DatapathError("--mode ipvs: this build has no IPVS mode (lbctl.kubeproxy.ipvs)")
     from .kubeproxy import ipvs
     known = {f.name for f in dataclasses.fields(ipvs.IpvsConfig)}
-    return ipvs_mode(ipvs.IpvsConfig(**{k: v for k, v in settings.items() if k in known}))
+    return ipvs.IpvsMode(ipvs.IpvsConfig(**{k: v for k, v in settings.items() if k in known}),
+                         ebpf_pin_dir=args.pin_dir)
 
 
 def cmd_run(args) -> int:

@@ -140,15 +140,6 @@ class EbpfMode:
 # --- switching modes -----------------------------------------------------------------------------
 
 
-def ipvs_mode_class():
-    """lbctl.kubeproxy.ipvs.IpvsMode, or None where this build has no IPVS mode."""
-    try:
-        from .kubeproxy import ipvs
-    except ImportError:
-        return None
-    return getattr(ipvs, "IpvsMode", None)
-
-
 def cleanup_mode(name: str, ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR) -> list[str]:
     """Removes the kernel objects of datapath mode ``name``; returns what was removed."""
     if name == "ebpf":
@@ -160,8 +151,8 @@ def cleanup_mode(name: str, ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR) -> list[st
         from .kubeproxy.nftables_mode import NftablesMode
         return NftablesMode.cleanup()
     if name == "ipvs":
-        mode = ipvs_mode_class()
-        return list(mode.cleanup()) if mode is not None and hasattr(mode, "cleanup") else []
+        from .kubeproxy.ipvs import IpvsMode
+        return list(IpvsMode.cleanup())
     raise ValueError(f"unknown mode {name!r} (one of {', '.join(MODES)})")
 
 

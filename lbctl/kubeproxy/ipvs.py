@@ -1367,9 +1367,12 @@ class IpvsMode:
     name = "ipvs"
 
     def __init__(self, cfg: IpvsConfig = IpvsConfig(), kernel: IpvsKernel | None = None,
-                 clock=time.monotonic):
+                 clock=time.monotonic, ebpf_pin_dir: str | None = None):
         self.cfg = cfg
         self.kernel = kernel
+        # Switching modes: with a pin dir (what `lbctl run` passes), start() removes the other
+        # modes' objects once it knows IPVS mode can run. Tests on a fake kernel pass none.
+        self.ebpf_pin_dir = ebpf_pin_dir
         self.clock = clock
         self.ports: tuple[ServicePortInfo, ...] = ()
         self.desired: IpvsDesired | None = None
@@ -1398,6 +1401,9 @@ class IpvsMode:
                 self.kernel.set_sysctl(name, value)
             except OSError as exc:
                 log.warning("%s", exc.strerror or exc)
+        if self.ebpf_pin_dir is not None:
+            from ..modes import cleanup_other_modes
+            cleanup_other_modes(self.name, self.ebpf_pin_dir)
         log.info("IPVS mode started (%s %s)", self.cfg.dummy_device, "created" if created else "found")
 
     def stop(self, detach: bool) -> None:
