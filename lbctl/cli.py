@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 import threading
-from pathlib import Path
 
 from . import ebpf
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 
 from lbctl import shared
 from lbctl.model import Backend, DesiredState, Frontend, Protocol

@@ -14,6 +14,8 @@
 """
 from __future__ import annotations
 
+import abc
+
 import logging
 import socket
 import subprocess
@@ -195,7 +197,7 @@ class ProxierOptions:
     ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR
 
 
-class Proxier:
+class Proxier(abc.ABC):
     """The bookkeeping both kube-proxy modes share; subclasses write the rules.
 
     A subclass sets ``name`` and implements ``_check()`` (raise DatapathError if the host cannot
@@ -274,11 +276,13 @@ class Proxier:
 
     # --- for subclasses ----------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _check(self) -> None:
-        raise NotImplementedError
+        """Raises DatapathError when this host cannot run the mode (tools missing)."""
 
+    @abc.abstractmethod
     def _apply(self, ports: Sequence[ServicePortInfo], full: bool) -> None:
-        raise NotImplementedError
+        """Programs `ports` (a full or a partial sync); raises SyncFailed."""
 
     def _must(self, argv: Sequence[str], input: str | None = None) -> Completed:
         done = self.runner.run(argv, input)
