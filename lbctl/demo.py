@@ -59,7 +59,8 @@ def run_demo(requests: int = 300, keep: bool = False, plot: Path | None = Path("
     print(">> lbctl lab up: pods in network namespaces, manifests for their services")
     state = lab.lab_up(lab.default_spec())
     print(lab.describe(state))
-    cfg = ebpf.DatapathConfig()
+    # only the lab's pod links: the demo must not attach to other veths on this machine
+    cfg = ebpf.DatapathConfig(devices=(f"veth{state.prefix}*",), node_name=lab.NODE_NAME)
     agent = Agent(ManifestSource(state.manifests_dir), cfg,
                   AgentOptions(interval=0.5, detach_on_exit=not keep))
     stop = threading.Event()
