@@ -31,9 +31,11 @@
 
 /* Connection tracking lifetimes, seconds (as Cilium's defaults: kube-proxy leaves TCP to
  * nf_conntrack, whose established timeout it raises to 1 day; 6 h is what Cilium uses). */
-#define LB_CT_LIFETIME_TCP 21600
+#define LB_CT_LIFETIME_TCP 21600        /* established: a reply has been seen */
+#define LB_CT_LIFETIME_SYN 60           /* TCP before any reply: a port sprayer cannot push
+					 * established flows out of the LRU for hours */
 #define LB_CT_LIFETIME_NONTCP 60
-#define LB_CT_LIFETIME_CLOSING 10
+#define LB_CT_LIFETIME_CLOSING 10       /* after a RST, or a FIN from each side */
 #define LB_CT_REFRESH_NS 1000000000ULL  /* rewrite a live entry's expiry at most once a second */
 
 /* lb_service_key.scope */
@@ -53,8 +55,11 @@
 #define LB_CT_REPLY 1                 /* backend -> client: value names the VIP to restore */
 
 /* lb_ct_value.flags */
-#define LB_CT_F_CLOSING 0x01          /* FIN or RST seen: a new SYN on this tuple is a new flow */
+#define LB_CT_F_CLOSING 0x01          /* RST, or FIN both ways: a new SYN on this tuple is a new flow */
 #define LB_CT_F_HAIRPIN 0x02          /* a pod reached itself: source rewritten to LB_HAIRPIN_ADDR */
+#define LB_CT_F_SEEN_REPLY 0x04       /* the backend has answered (forward entry) */
+#define LB_CT_F_FIN_CLIENT 0x08       /* FIN from the client (forward entry) */
+#define LB_CT_F_FIN_BACKEND 0x10      /* FIN from the backend (forward entry) */
 
 /* Hairpin: a pod whose connection to its own service lands on itself would receive a packet
  * from its own address, which Linux drops as martian. As kube-proxy masquerades such flows,
@@ -73,7 +78,8 @@
 #define LB_STAT_NO_BACKEND 8          /* service without endpoints: dropped (see README) */
 #define LB_STAT_CT_FULL 9             /* conntrack update failed */
 #define LB_STAT_NAT_FAILED 10         /* a rewrite helper failed: packet dropped */
-#define LB_STAT_MAX 11
+#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow: passed untouched, removed */
+#define LB_STAT_MAX 12
 
 /* lb_services: frontends and their backend slots, Cilium's layout.
  * Slot 0 is the frontend (VIP:port/proto) and holds `count`; slots 1..count hold backend ids. */
@@ -136,7 +142,9 @@ struct lb_affinity_key {
 
 struct lb_affinity_value {
 	__u32 backend_id;
-	__be32 address;               /* the backend's, to notice a recycled id */
+	__be32 address;               /* the backend's address and port, to notice a recycled id */
+	__be16 port;
+	__u8 pad[6];
 	__u64 last_used;              /* bpf_ktime_get_ns() of the last new connection */
 };
 

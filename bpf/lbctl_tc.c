@@ -39,47 +39,62 @@ static __always_inline void lb_stats_add(struct lb_stats *stats, __u32 bytes, in
 	stats->flows += new_flow;
 }
 
-static __always_inline __u64 lb_ct_lifetime(const struct lb_packet *pkt)
+/* How long an entry lives in its state, in ns. */
+static __always_inline __u64 lb_ct_lifetime(__u8 proto, __u8 flags)
 {
 	__u64 seconds = LB_CT_LIFETIME_NONTCP;
 
-	if (pkt->proto == IPPROTO_TCP)
-		seconds = (pkt->tcp_flags & (LB_TCP_FIN | LB_TCP_RST)) ? LB_CT_LIFETIME_CLOSING
-								       : LB_CT_LIFETIME_TCP;
+	if (proto == IPPROTO_TCP) {
+		if (flags & LB_CT_F_CLOSING)
+			seconds = LB_CT_LIFETIME_CLOSING;
+		else if (flags & LB_CT_F_SEEN_REPLY)
+			seconds = LB_CT_LIFETIME_TCP;
+		else
+			seconds = LB_CT_LIFETIME_SYN;
+	}
 	return seconds * 1000000000ULL;
 }
 
-/* Extends a live entry's lifetime, writing to the map at most once per LB_CT_REFRESH_NS so
- * established flows do not dirty a shared cache line on every packet. */
+/* Records what a packet says about its flow in the forward entry (a reply seen, a FIN from
+ * either side, a RST) and extends the entry's life. The map is written when the state changes,
+ * else at most once per LB_CT_REFRESH_NS, so established flows do not dirty a shared cache
+ * line on every packet. A half-closed flow (one FIN) stays established: the other side may
+ * go on sending for long. */
 static __always_inline void lb_ct_touch(struct lb_ct_value *ct, const struct lb_packet *pkt,
-					__u64 now)
+					__u64 now, int from_backend)
 {
-	int closing = pkt->tcp_flags & (LB_TCP_FIN | LB_TCP_RST);
+	__u8 flags = ct->flags;
 
-	if (closing && !(ct->flags & LB_CT_F_CLOSING)) {
-		ct->flags |= LB_CT_F_CLOSING;
-		ct->expires = now + lb_ct_lifetime(pkt);
-		ct->refreshed = now;
-	} else if (!(ct->flags & LB_CT_F_CLOSING) && now - ct->refreshed > LB_CT_REFRESH_NS) {
-		ct->expires = now + lb_ct_lifetime(pkt);
+	if (from_backend)
+		flags |= LB_CT_F_SEEN_REPLY;
+	if (pkt->tcp_flags & LB_TCP_FIN)
+		flags |= from_backend ? LB_CT_F_FIN_BACKEND : LB_CT_F_FIN_CLIENT;
+	if ((pkt->tcp_flags & LB_TCP_RST) ||
+	    ((flags & LB_CT_F_FIN_CLIENT) && (flags & LB_CT_F_FIN_BACKEND)))
+		flags |= LB_CT_F_CLOSING;
+	if (flags != ct->flags || now - ct->refreshed > LB_CT_REFRESH_NS) {
+		ct->flags = flags;
+		ct->expires = now + lb_ct_lifetime(pkt->proto, flags);
 		ct->refreshed = now;
 	}
 }
 
 /* A tracked flow keeps its backend while that backend still exists with the same address:
  * a deleted endpoint (or a recycled id) makes the flow choose again, so UDP flows never keep
- * going to a deleted backend (kube-proxy's stale-conntrack bug). A SYN on a closed tuple or
- * an expired entry starts a new flow. */
+ * going to a deleted backend (kube-proxy's stale-conntrack bug). A new flow starts with a SYN
+ * on a closed tuple, or with a SYN or UDP datagram after the entry expired; a TCP segment of
+ * an expired but otherwise valid flow keeps its backend (choosing again would only earn it a
+ * RST from a backend that never saw the connection). */
 static __always_inline struct lb_backend *lb_ct_backend(struct lb_ct_value *ct,
 							const struct lb_packet *pkt, __u64 now)
 {
 	struct lb_backend *backend;
 	__u32 id = ct->backend_id;
+	int syn = (pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
 
-	if (now > ct->expires)
+	if (syn && (ct->flags & LB_CT_F_CLOSING))
 		return NULL;
-	if ((pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN &&
-	    (ct->flags & LB_CT_F_CLOSING))
+	if (now > ct->expires && (syn || pkt->proto != IPPROTO_TCP))
 		return NULL;
 	backend = lb_backends.lookup(&id);
 	if (!backend || backend->address != ct->nat_address || backend->port != ct->nat_port)
@@ -88,14 +103,13 @@ static __always_inline struct lb_backend *lb_ct_backend(struct lb_ct_value *ct,
 }
 
 static __always_inline struct lb_backend *lb_select_backend(const struct lb_service_key *frontend,
-							    const struct lb_service_value *svc,
-							    __u32 *backend_id)
+							    __u16 count, __u32 *backend_id)
 {
 	struct lb_service_key key = *frontend;
 	struct lb_service_value *slot;
 
 	/* Uniform over slots 1..count: the modulo bias is below count / 2^32. */
-	key.backend_slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	key.backend_slot = (bpf_get_prandom_u32() % count) + 1;
 	slot = lb_services.lookup(&key);
 	if (!slot)
 		return NULL;
@@ -110,6 +124,7 @@ static __always_inline struct lb_backend *lb_affinity_backend(const struct lb_pa
 							      __u32 *backend_id, __u64 now)
 {
 	struct lb_affinity_key key = { .client = pkt->saddr, .service_id = svc->service_id };
+	/* svc is a copy on the stack: the frontend may be rewritten meanwhile */
 	struct lb_affinity_value *aff = lb_affinity.lookup(&key);
 	struct lb_backend *backend;
 	__u32 id;
@@ -118,7 +133,8 @@ static __always_inline struct lb_backend *lb_affinity_backend(const struct lb_pa
 		return NULL;
 	id = aff->backend_id;
 	backend = lb_backends.lookup(&id);
-	if (!backend || backend->address != aff->address || (backend->flags & LB_BACKEND_F_DRAINING))
+	if (!backend || backend->address != aff->address || backend->port != aff->port ||
+	    (backend->flags & LB_BACKEND_F_DRAINING))
 		return NULL;
 	*backend_id = id;
 	return backend;
@@ -130,7 +146,8 @@ static __always_inline void lb_affinity_update(const struct lb_packet *pkt, __u3
 {
 	struct lb_affinity_key key = { .client = pkt->saddr, .service_id = service_id };
 	struct lb_affinity_value value = {
-		.backend_id = backend_id, .address = backend->address, .last_used = now,
+		.backend_id = backend_id, .address = backend->address, .port = backend->port,
+		.last_used = now,
 	};
 
 	lb_affinity.update(&key, &value);
@@ -142,7 +159,7 @@ static __always_inline int lb_ct_create(const struct lb_packet *pkt, const struc
 	struct lb_ct_key key = {};
 	struct lb_ct_value value = {};
 
-	value.expires = now + lb_ct_lifetime(pkt);
+	value.expires = now + lb_ct_lifetime(pkt->proto, flags);
 	value.refreshed = now;
 	value.service_id = service_id;
 	value.backend_id = backend_id;
@@ -178,7 +195,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		.saddr = pkt->saddr, .daddr = pkt->daddr, .sport = pkt->sport,
 		.dport = pkt->dport, .proto = pkt->proto, .dir = LB_CT_FORWARD,
 	};
-	struct lb_backend *backend = NULL;
+	struct lb_backend *backend = NULL, target;
 	struct lb_ct_value *ct;
 	__u8 ct_flags = 0;
 	__u32 backend_id = 0;
@@ -192,7 +209,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		if (backend) {
 			backend_id = ct->backend_id;
 			ct_flags = ct->flags;
-			lb_ct_touch(ct, pkt, now);
+			lb_ct_touch(ct, pkt, now, 0);
 			lb_count(LB_STAT_SVC_CT_HIT);
 		} else {
 			lb_count(LB_STAT_SVC_RESELECT);
@@ -210,7 +227,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		if (svc->flags & LB_SVC_F_AFFINITY)
 			backend = lb_affinity_backend(pkt, svc, &backend_id, now);
 		if (!backend)
-			backend = lb_select_backend(frontend, svc, &backend_id);
+			backend = lb_select_backend(frontend, svc->count, &backend_id);
 		if (!backend) {
 			lb_count(LB_STAT_NO_BACKEND);
 			return TC_ACT_SHOT;
@@ -224,9 +241,10 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 		lb_count(LB_STAT_SVC_NEW_FLOW);
 		new_flow = 1;
 	}
+	target = *backend;  /* one read of a map value another CPU's update may change */
 	lb_stats_add(lb_service_stats.lookup(&service_id), skb->len, new_flow);
 	lb_stats_add(lb_backend_stats.lookup(&backend_id), skb->len, new_flow);
-	if (lb_nat_rewrite(skb, pkt, 0, backend->address, backend->port) < 0 ||
+	if (lb_nat_rewrite(skb, pkt, 0, target.address, target.port) < 0 ||
 	    ((ct_flags & LB_CT_F_HAIRPIN) &&
 	     lb_nat_rewrite(skb, pkt, 1, bpf_htonl(LB_HAIRPIN_ADDR), pkt->sport) < 0)) {
 		lb_count(LB_STAT_NAT_FAILED);
@@ -235,13 +253,33 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
 	return TC_ACT_OK;
 }
 
+/* A packet matching a reply entry is translated only while its flow lives: the forward entry
+ * must still exist, name the same backend and not have expired. Otherwise the entry is a
+ * leftover of a finished flow and this packet belongs to something else (say the same client
+ * port now talking to the pod directly): it is passed untouched and the leftover removed. */
 static __always_inline int lb_reply_packet(struct __sk_buff *skb, const struct lb_packet *pkt,
-					   struct lb_ct_value *ct)
+					   const struct lb_ct_key *reply, struct lb_ct_value *ct)
 {
-	lb_ct_touch(ct, pkt, bpf_ktime_get_ns());
+	int hairpin = ct->flags & LB_CT_F_HAIRPIN;
+	struct lb_ct_key key = {
+		.saddr = hairpin ? pkt->saddr : pkt->daddr, .daddr = ct->nat_address,
+		.sport = pkt->dport, .dport = ct->nat_port, .proto = pkt->proto,
+		.dir = LB_CT_FORWARD,
+	};
+	struct lb_ct_value *flow = lb_ct.lookup(&key);
+	__u64 now = bpf_ktime_get_ns();
+
+	if (!flow || flow->backend_id != ct->backend_id || now > flow->expires) {
+		lb_ct.delete(reply);
+		lb_count(LB_STAT_STALE_REPLY);
+		return TC_ACT_OK;
+	}
+	lb_ct_touch(flow, pkt, now, 1);
+	if (ct->expires != flow->expires)
+		ct->expires = flow->expires;
 	/* hairpin: the reply goes to LB_HAIRPIN_ADDR; send it back to the pod itself */
 	if (lb_nat_rewrite(skb, pkt, 1, ct->nat_address, ct->nat_port) < 0 ||
-	    ((ct->flags & LB_CT_F_HAIRPIN) && lb_nat_rewrite(skb, pkt, 0, pkt->saddr, pkt->dport) < 0)) {
+	    (hairpin && lb_nat_rewrite(skb, pkt, 0, pkt->saddr, pkt->dport) < 0)) {
 		lb_count(LB_STAT_NAT_FAILED);
 		return TC_ACT_SHOT;
 	}
@@ -267,8 +305,12 @@ static __always_inline int lb_process_packet(struct __sk_buff *skb)
 	frontend.proto = pkt.proto;
 	frontend.scope = LB_SCOPE_EXTERNAL;
 	svc = lb_services.lookup(&frontend);
-	if (svc)
-		return lb_service_packet(skb, &pkt, &frontend, svc);
+	if (svc) {
+		/* a copy: the control plane may rewrite the frontend while this packet is handled */
+		struct lb_service_value service = *svc;
+
+		return lb_service_packet(skb, &pkt, &frontend, &service);
+	}
 
 	reply.saddr = pkt.saddr;
 	reply.daddr = pkt.daddr;
@@ -278,11 +320,13 @@ static __always_inline int lb_process_packet(struct __sk_buff *skb)
 	reply.dir = LB_CT_REPLY;
 	ct = lb_ct.lookup(&reply);
 	if (ct)
-		return lb_reply_packet(skb, &pkt, ct);
+		return lb_reply_packet(skb, &pkt, &reply, ct);
 	lb_count(LB_STAT_PASS_NO_SERVICE);
 	return TC_ACT_OK;
 }
 
+/* Attached at ingress (pod -> node: requests, replies from local backends) and at egress
+ * (node -> pod: replies that came from another node) of the pod links. */
 int lb_tc_ingress(struct __sk_buff *skb)
 {
 	return lb_process_packet(skb);

@@ -74,7 +74,9 @@ class Agent:
 
     def _done(self, result: SyncResult, started: float) -> SyncResult:
         self.syncs += 1
-        if not result.errors:
+        for error in result.errors:
+            log.error("sync: %s", error)
+        if not getattr(self.mode, "needs_retry", False):
             self.synced.set()
         if result.changed or result.errors:
             log.info("sync (%s): %s in %.1f ms", self.mode.name, result,
@@ -89,6 +91,7 @@ class Agent:
         watches_links = hasattr(self.mode, "attach_links")
         housekeeping = getattr(self.mode, "housekeeping", None)   # deferred kernel work (nftables)
         self.mode.start()
+        clean_exit = False
         try:
             with IPRoute() as ipr, link_events() as events:
                 if watches_links:
@@ -97,13 +100,7 @@ class Agent:
                 while not stop.is_set():
                     if deadline and time.monotonic() > deadline:
                         break
-                    snapshot = self.source.poll()
-                    if snapshot is not None:
-                        self.sync_snapshot(snapshot)
-                    elif getattr(self.mode, "needs_retry", False):
-                        self.retry()
-                    if housekeeping is not None:
-                        housekeeping()
+                    self.turn(housekeeping)
                     if not watches_links:
                         stop.wait(self.options.interval)
                         continue
@@ -113,8 +110,25 @@ class Agent:
                     if (ready and drain(events)) or time.monotonic() - last_scan > LINK_RESYNC_SECONDS:
                         self.mode.attach_links(ipr)
                         last_scan = time.monotonic()
+            clean_exit = True
         finally:
-            self.mode.stop(self.options.detach_on_exit)
+            # After a crash the datapath stays as it is, serving: detaching would take every
+            # service down on the node because of a bug in the control plane.
+            self.mode.stop(self.options.detach_on_exit and clean_exit)
+
+    def turn(self, housekeeping=None) -> None:
+        """One poll and, if needed, one sync. An unexpected error is logged and the loop goes
+        on: the programmed datapath keeps serving, and the next change is tried afresh."""
+        try:
+            snapshot = self.source.poll()
+            if snapshot is not None:
+                self.sync_snapshot(snapshot)
+            elif getattr(self.mode, "needs_retry", False):
+                self.retry()
+            if housekeeping is not None:
+                housekeeping()
+        except Exception:  # noqa: BLE001 - the agent must outlive any one bad turn
+            log.exception("unexpected error in this turn; the datapath keeps its last state")
 
 
 @contextlib.contextmanager

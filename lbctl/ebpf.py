@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import shared
-from .bpfsys import BpfMap, obj_get, map_info
+from .bpfsys import MAP_TYPE_HASH as MAP_HASH
+from .bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
+from .bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
+from .bpfsys import BpfMap, map_info, obj_get
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +80,18 @@ class DatapathConfig:
             return TC_NAME
         return f"{TC_NAME}:{os.path.basename(self.pin_dir.rstrip('/'))}"
 
-    def expected_maps(self) -> dict[str, tuple[int, int, int]]:
-        """name -> (key size, value size, max entries), to check pins left by an earlier run."""
+    def expected_maps(self) -> dict[str, tuple[int, int, int, int]]:
+        """name -> (map type, key size, value size, max entries), to check pins left by an
+        earlier run."""
         s = shared.sizeof
         return {
-            "lb_services": (s("lb_service_key"), s("lb_service_value"), self.services_map_size),
-            "lb_backends": (4, s("lb_backend"), self.max_backends),
-            "lb_ct": (s("lb_ct_key"), s("lb_ct_value"), self.ct_size),
-            "lb_affinity": (s("lb_affinity_key"), s("lb_affinity_value"), self.affinity_size),
-            "lb_service_stats": (4, s("lb_stats"), self.max_services),
-            "lb_backend_stats": (4, s("lb_stats"), self.max_backends),
-            "lb_global_stats": (4, 8, shared.const("LB_STAT_MAX")),
+            "lb_services": (MAP_HASH, s("lb_service_key"), s("lb_service_value"), self.services_map_size),
+            "lb_backends": (MAP_HASH, 4, s("lb_backend"), self.max_backends),
+            "lb_ct": (MAP_LRU_HASH, s("lb_ct_key"), s("lb_ct_value"), self.ct_size),
+            "lb_affinity": (MAP_LRU_HASH, s("lb_affinity_key"), s("lb_affinity_value"), self.affinity_size),
+            "lb_service_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_services),
+            "lb_backend_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_backends),
+            "lb_global_stats": (MAP_PERCPU_ARRAY, 4, 8, shared.const("LB_STAT_MAX")),
         }
 
 
@@ -117,7 +121,7 @@ def check_kernel_headers() -> None:
 
 def check_pins(cfg: DatapathConfig) -> None:
     """Refuses to reuse pinned maps whose layout or size differs from this configuration."""
-    for name, (key, value, entries) in cfg.expected_maps().items():
+    for name, want in cfg.expected_maps().items():
         path = os.path.join(cfg.pin_dir, name)
         if not os.path.exists(path):
             continue
@@ -126,11 +130,12 @@ def check_pins(cfg: DatapathConfig) -> None:
             info = map_info(fd)
         finally:
             os.close(fd)
-        if (info.key_size, info.value_size, info.max_entries) != (key, value, entries):
+        have = (info.type, info.key_size, info.value_size, info.max_entries)
+        if have != want:
             raise DatapathError(
-                f"pinned map {path} has key/value/entries {info.key_size}/{info.value_size}/"
-                f"{info.max_entries}, this configuration wants {key}/{value}/{entries}: run "
-                "`lbctl cleanup` (forgets established flows) or start with the old sizes")
+                f"pinned map {path} has type/key/value/entries {'/'.join(map(str, have))}, this "
+                f"configuration wants {'/'.join(map(str, want))}: run `lbctl cleanup` (forgets "
+                "established flows) or start with the old sizes")
 
 
 class EbpfDatapath:
@@ -178,58 +183,57 @@ class EbpfDatapath:
 
 # --- attaching ---------------------------------------------------------------------------------
 
-def _our_filters(ipr, index: int, tc_name: str, parent: int = TC_INGRESS):
+def _filters(ipr, index: int, parent: int) -> list:
     try:
-        filters = ipr.get_filters(index, parent=parent)
-    except Exception:  # no clsact on this link
+        return list(ipr.get_filters(index, parent=parent))
+    except Exception:  # no clsact on this link (or the link is gone)
         return []
-    found = []
-    for f in filters:
-        opts = f.get_attr("TCA_OPTIONS")
-        name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
-        if f.get_attr("TCA_KIND") == "bpf" and name == tc_name and f["info"] >> 16 == TC_PRIO:
-            found.append(f)
-    return found
+
+
+def _ours(f, tc_name: str) -> bool:
+    opts = f.get_attr("TCA_OPTIONS")
+    name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
+    return f.get_attr("TCA_KIND") == "bpf" and name == tc_name and f["info"] >> 16 == TC_PRIO
+
+
+def _our_filters(ipr, index: int, tc_name: str) -> list[tuple[int, object]]:
+    """(parent, filter) for each of our filters on a link, at ingress and egress."""
+    return [(parent, f) for parent in (TC_INGRESS, TC_EGRESS)
+            for f in _filters(ipr, index, parent) if _ours(f, tc_name)]
 
 
 def attach(ipr, index: int, prog_fd: int, tc_name: str = TC_NAME) -> None:
-    """Attaches (or atomically replaces) our filter at clsact ingress of one link."""
+    """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
+    Ingress sees requests from the pod and replies of local backends; egress sees replies that
+    reach the pod from elsewhere (a backend on another node, via the uplink)."""
     try:
         ipr.tc("add", "clsact", index)
     except Exception as exc:  # EEXIST: clsact already there (ours or another tool's)
         if getattr(exc, "code", None) != 17:
             raise
-    ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=tc_name,
-           parent=TC_INGRESS, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
+    for parent in (TC_INGRESS, TC_EGRESS):
+        ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=tc_name,
+               parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
 
 
 def detach(ipr, index: int, tc_name: str = TC_NAME) -> bool:
-    """Removes our filter from one link, and clsact if no other filter is left on it."""
+    """Removes our filters from one link, and clsact if no other filter is left on it."""
     removed = False
-    for _ in _our_filters(ipr, index, tc_name):
+    for parent, _ in _our_filters(ipr, index, tc_name):
         try:
-            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=TC_INGRESS, prio=TC_PRIO,
+            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
                    protocol=ETH_P_ALL)
             removed = True
         except Exception as exc:
             if getattr(exc, "code", None) not in (2, 19):  # ENOENT, ENODEV: already gone
                 raise
-    if removed:
-        others = [f for parent in (TC_INGRESS, TC_EGRESS)
-                  for f in _safe_filters(ipr, index, parent) if f["handle"]]
-        if not others:
-            try:
-                ipr.tc("del", "clsact", index)
-            except Exception:
-                pass
+    if removed and not any(f["handle"] for parent in (TC_INGRESS, TC_EGRESS)
+                           for f in _filters(ipr, index, parent)):
+        try:
+            ipr.tc("del", "clsact", index)
+        except Exception:  # noqa: BLE001 - already gone with its link
+            pass
     return removed
-
-
-def _safe_filters(ipr, index, parent):
-    try:
-        return list(ipr.get_filters(index, parent=parent))
-    except Exception:
-        return []
 
 
 def attached_links(ipr, tc_name: str = TC_NAME) -> list[tuple[int, str]]:

@@ -38,6 +38,8 @@ from lbctl.model import (
 )
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json")
+MAX_FILE_BYTES = 64 << 20   # a manifest file larger than this is refused, not parsed
+MAX_NESTING = 200           # [ and { nesting: Kubernetes objects need a dozen levels
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"           # ties an EndpointSlice to its Service
 SKIP_MIRROR_LABEL = "endpointslice.kubernetes.io/skip-mirror"  # "true": Endpoints not mirrored
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
@@ -238,16 +240,26 @@ def _read_documents(path: Path) -> tuple[list[Any], Problem | None]:
     """Load one file; on a syntax error keep the documents before it and return a Problem."""
     obj = f"file {path}"
     try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return [], Problem(obj, f"larger than {MAX_FILE_BYTES >> 20} MiB; file skipped, others loaded")
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         return [], Problem(obj, f"cannot read: {error.strerror or error}; file skipped, others loaded")
     except UnicodeDecodeError as error:
         return [], Problem(obj, f"not UTF-8 ({error.reason} at byte {error.start}); file skipped, others loaded")
+    depth = _flow_depth(text)
+    if depth > MAX_NESTING:
+        # libyaml recurses per level and overflows the C stack long before Python notices:
+        # refuse such a file before parsing it.
+        return [], Problem(obj, f"nested {depth} levels deep (at most {MAX_NESTING}); file skipped, "
+                                "others loaded")
     if path.suffix == ".json":
         try:
             return [json.loads(text)], None
         except json.JSONDecodeError as error:
             return [], Problem(obj, f"malformed JSON at line {error.lineno}: {error.msg}; file skipped, others loaded")
+        except RecursionError:
+            return [], Problem(obj, "nested too deep; file skipped, others loaded")
     docs: list[Any] = []
     try:
         for doc in yaml.load_all(text, Loader=_Loader):
@@ -255,7 +267,22 @@ def _read_documents(path: Path) -> tuple[list[Any], Problem | None]:
     except yaml.YAMLError as error:
         return docs, Problem(obj, f"malformed YAML{_yaml_position(error)}: {_yaml_reason(error)}; "
                                   f"{len(docs)} document(s) before it kept, rest of the file skipped")
+    except RecursionError:
+        return docs, Problem(obj, f"nested too deep; {len(docs)} document(s) before it kept, rest of "
+                                  "the file skipped")
     return docs, None
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ and { in the text (quotes ignored: an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}" and depth:
+            depth -= 1
+    return deepest
 
 
 def _yaml_position(error: yaml.YAMLError) -> str:
@@ -306,6 +333,10 @@ def _parse_document(parsed: _Parsed, doc: Any, origin: str, position: str) -> No
         return
     kind = doc.get("kind")
     if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
+        if " item " in position:         # a List inside a List: no such thing (and YAML
+            parsed.problems.append(Problem(  # aliases could make it loop forever)
+                f"file {origin}", f"{position} is a List inside a List; skipped, others kept"))
+            return
         for number, item in enumerate(doc["items"], start=1):
             _parse_document(parsed, item, origin, f"{position} item {number}")
         return

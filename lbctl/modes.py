@@ -69,7 +69,7 @@ class EbpfMode:
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
         self.reconciler = Reconciler(self.datapath.maps, self.cfg.max_services, self.cfg.max_backends)
-        cleanup_other_modes(self.name, self.cfg.pin_dir)
+        self._switched = False
         log.info("eBPF datapath loaded; %d services and %d backends restored from %s",
                  len(self.reconciler.services), len(self.reconciler.backend_ids), self.cfg.pin_dir)
 
@@ -78,8 +78,13 @@ class EbpfMode:
         if ports is not None:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name)
         result = self.reconciler.sync(self.desired)
-        if not result.errors:
+        if not self.reconciler.dirty:
             dump.write_names(self.cfg.pin_dir, self.reconciler.service_names(self.desired))
+            if not self._switched:
+                # Switching modes: only now that this datapath is attached and programmed are
+                # the other modes' objects removed, so that services never go unserved.
+                cleanup_other_modes(self.name, self.cfg.pin_dir)
+                self._switched = True
         return result
 
     @property

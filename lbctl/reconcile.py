@@ -5,11 +5,16 @@ themselves at start (so a restarted agent keeps the same service and backend ids
 flow) and after any failed write (a full resync, as kube-proxy falls back to). Writes follow
 Cilium's order, in which a packet never sees a half-made service:
 
-  1. new backends (lb_backends), so every id a slot will name exists;
-  2. per changed service: backend slots 1..n, then the frontend (slot 0, holding the count)
+  1. removed services: the frontend first (no new packet selects it), then its slots; first,
+     so that what they free (map room, ids) serves the additions;
+  2. new backends (lb_backends), so every id a slot will name exists;
+  3. per changed service: backend slots 1..n, then the frontend (slot 0, holding the count)
      last, then slots beyond the new count;
-  3. removed services: the frontend first (no new packet selects it), then its slots;
   4. backends no longer named by any slot.
+
+A service that cannot be programmed (no free id, too many endpoints) is reported in the result
+and skipped; the others are programmed. A failed map write aborts the sync: the next one
+re-reads the maps first.
 
 (Before all that, slots left beyond a frontend's count by an interrupted sync are dropped.)
 
@@ -33,6 +38,7 @@ F_CLUSTERIP = shared.const("LB_SVC_F_CLUSTERIP")
 F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
 F_DROP = shared.const("LB_SVC_F_DROP")
 F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
+MAX_SLOTS = 0xFFFF   # lb_service_value.count and lb_service_key.backend_slot are u16
 
 
 class FakeMap:
@@ -182,11 +188,15 @@ class Reconciler:
             (fe, slot) for fe, have in slots.items() for slot in have
             if slot > len(self.services.get(fe, ProgrammedService(fe, 0, ())).backend_ids)
         ]
+        if AFFINITY in self.maps:   # left by a sync that failed before it could drop them
+            in_use = {p.service_id for p in self.services.values()}
+            self._forget_affinity({shared.view("lb_affinity_key", k).service_id
+                                   for k, _ in self.maps[AFFINITY].items()} - in_use)
         self.dirty = False
 
     # --- the sync ----------------------------------------------------------------------------------
 
-    def sync(self, desired: DesiredState, names: dict | None = None) -> SyncResult:
+    def sync(self, desired: DesiredState) -> SyncResult:
         """Makes the maps hold `desired`. Any failure leaves the maps valid (never a
         half-made service) and makes the next sync start from a fresh read of the maps."""
         if self.dirty:
@@ -209,11 +219,29 @@ class Reconciler:
             services.delete(_frontend_key(fe, slot))
         self._stale_slots = []
 
-        # 1. backends every desired service needs
+        # 1. services no longer wanted, first, so that what they free (map room, ids) serves
+        #    the additions below: frontend first (no new packet selects it), then its slots
+        released = []
+        for fe in sorted(self.services.keys() - desired.services.keys(), key=_order):
+            old = self.services[fe]
+            services.delete(_frontend_key(fe, 0))
+            for slot in range(1, len(old.backend_ids) + 1):
+                services.delete(_frontend_key(fe, slot))
+            del self.services[fe]
+            self.service_ids.release(old.service_id)
+            released.append(old.service_id)
+            result.removed += 1
+        self._forget_affinity(set(released))
+
+        # 2. backends the desired services need; a service whose backends cannot all get an id
+        #    (the backend map is full) is left as it is, and said so
         new_backends = []
         for backend in sorted(desired.backends - self.backend_ids.keys(), key=_order):
-            backend_id = self.backend_alloc.allocate()
-            new_backends.append((backend, backend_id))
+            try:
+                new_backends.append((backend, self.backend_alloc.allocate()))
+            except OSError as exc:
+                result.errors.append(str(exc))
+                break
         self._zero(BACKEND_STATS, [i for _, i in new_backends])
         backends.update_batch([(shared.u32(i), shared.backend_value(b.address, b.port, b.protocol.number))
                                for b, i in new_backends])
@@ -222,20 +250,31 @@ class Reconciler:
             self.backend_flags[backend_id] = 0
         result.backends_added += len(new_backends)
 
-        # 2. new and changed services: all their slots, then their frontends, then surplus
+        # 3. new and changed services: all their slots, then their frontends, then surplus
         #    slots (batched per step, so each frontend is still written after its own slots)
         slot_writes, frontend_writes, surplus, new_ids = [], [], [], []
         for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
-            ids = tuple(self.backend_ids[b] for b in entry.backends)
             flags = (F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
                      | (F_DROP if entry.drop_without_backends else 0))
             old = self.services.get(fe)
+            missing = [b for b in entry.backends if b not in self.backend_ids]
+            if missing or len(entry.backends) > MAX_SLOTS:
+                why = (f"{len(missing)} backend(s) got no id" if missing
+                       else f"{len(entry.backends)} endpoints, the datapath takes {MAX_SLOTS}")
+                result.errors.append(f"{entry.name} ({fe}): {why}; "
+                                     f"{'left as it was' if old else 'not programmed'}")
+                continue
+            ids = tuple(self.backend_ids[b] for b in entry.backends)
             if old is not None and (old.backend_ids, old.affinity_timeout, old.flags) == (
                     ids, entry.affinity_timeout, flags):
                 continue
             if old is None:
-                service_id = self.service_ids.allocate()
+                try:
+                    service_id = self.service_ids.allocate()
+                except OSError as exc:
+                    result.errors.append(f"{entry.name} ({fe}): {exc}; not programmed")
+                    continue
                 new_ids.append(service_id)
                 result.added += 1
             else:
@@ -257,24 +296,6 @@ class Reconciler:
         for key in surplus:
             services.delete(key)
 
-        # 3. services no longer wanted: frontend first, then slots (and affinity entries, whose
-        #    service id may serve another service next)
-        forgotten = set()
-        for fe in sorted(self.services.keys() - desired.services.keys()):
-            old = self.services[fe]
-            if old.affinity_timeout:
-                forgotten.add(old.service_id)
-            services.delete(_frontend_key(fe, 0))
-            for slot in range(1, len(old.backend_ids) + 1):
-                services.delete(_frontend_key(fe, slot))
-            del self.services[fe]
-            self.service_ids.release(old.service_id)
-            result.removed += 1
-        if forgotten and AFFINITY in self.maps:
-            for key, _ in list(self.maps[AFFINITY].items()):
-                if shared.view("lb_affinity_key", key).service_id in forgotten:
-                    self.maps[AFFINITY].delete(key)
-
         # 4. backends: those in no slot but still draining established flows are flagged (no
         #    new flow, no affinity); the rest no slot names any more are deleted (their flows
         #    choose again)
@@ -294,6 +315,15 @@ class Reconciler:
                 backends.update(shared.u32(backend_id), shared.backend_value(
                     backend.address, backend.port, backend.protocol.number, flags))
                 self.backend_flags[backend_id] = flags
+
+    def _forget_affinity(self, service_ids: set[int]) -> None:
+        """Drops affinity entries of service ids no frontend uses: the id may serve another
+        service next, whose clients must not inherit them."""
+        if not service_ids or AFFINITY not in self.maps:
+            return
+        for key, _ in list(self.maps[AFFINITY].items()):
+            if shared.view("lb_affinity_key", key).service_id in service_ids:
+                self.maps[AFFINITY].delete(key)
 
     def _zero(self, stats_map: str, indexes: list[int]) -> None:
         """Counters of a newly allocated id start at zero (the id may have served before)."""

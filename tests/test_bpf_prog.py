@@ -202,13 +202,70 @@ def test_removed_backend_makes_its_flows_choose_again(datapath):
     assert global_stat(datapath, "svc_reselect") == 1
 
 
+def ct_entry(dp, src, dst, sport, dport, proto=6, direction="LB_CT_FORWARD"):
+    key = shared.new("lb_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
+                     dport=shared.be16(dport), proto=proto, dir=shared.const(direction))
+    raw = dp.maps["lb_ct"].lookup(key)
+    return key, (shared.view("lb_ct_value", raw) if raw is not None else None)
+
+
+def lifetime_left(dp, entry) -> float:
+    import time
+    return (entry.expires - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) / 1e9
+
+
 def test_new_syn_after_close_chooses_again(datapath):
     program(datapath, {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080", f"{B2}:8080"])})
-    run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp"))
+    backend = Ether(run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp"))[1])[IP].dst
     run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp", flags=TCP_FIN | TCP_ACK))
+    run(datapath, frame(backend, CLIENT, 8080, 40030, "tcp", flags=TCP_FIN | TCP_ACK))
+    _, fwd = ct_entry(datapath, CLIENT, VIP, 40030, 80)
+    assert fwd.flags & shared.const("LB_CT_F_CLOSING")
     run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp", flags=TCP_SYN))
     assert global_stat(datapath, "svc_reselect") == 1
     assert global_stat(datapath, "svc_new_flow") == 2
+
+
+def test_half_closed_flow_stays_established(datapath):
+    """A client FIN alone (shutdown(SHUT_WR)) does not shorten the flow: the backend may send
+    for long after it."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40031, 80, "tcp"))
+    _, fwd = ct_entry(datapath, CLIENT, VIP, 40031, 80)
+    assert lifetime_left(datapath, fwd) <= 60, "no reply yet: a short lifetime"
+    run(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_SYN | TCP_ACK))
+    run(datapath, frame(CLIENT, VIP, 40031, 80, "tcp", flags=TCP_FIN | TCP_ACK))
+    _, fwd = ct_entry(datapath, CLIENT, VIP, 40031, 80)
+    assert fwd.flags & shared.const("LB_CT_F_SEEN_REPLY") and fwd.flags & shared.const("LB_CT_F_FIN_CLIENT")
+    assert not fwd.flags & shared.const("LB_CT_F_CLOSING")
+    assert lifetime_left(datapath, fwd) > 3600
+    verdict, out = run(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_ACK, payload=b"more"))
+    assert Ether(out)[IP].src == VIP
+
+
+def test_leftover_reply_entry_does_not_hijack_a_direct_connection(datapath):
+    """After a flow ended, the same client port talking to the pod directly is left alone."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40032, 80, "tcp"))
+    key, fwd = ct_entry(datapath, CLIENT, VIP, 40032, 80)
+    expired = shared.new("lb_ct_value", **{f: getattr(fwd, f) for f in shared.fields("lb_ct_value") if f != "pad"})
+    expired = bytearray(expired)
+    expired[shared.offsetof("lb_ct_value", "expires"):shared.offsetof("lb_ct_value", "expires") + 8] = (1).to_bytes(8, "little")
+    datapath.maps["lb_ct"].update(key, bytes(expired))
+    direct = frame(B1, CLIENT, 8080, 40032, "tcp", flags=TCP_SYN | TCP_ACK)
+    verdict, out = run(datapath, direct)
+    assert verdict == TC_ACT_OK and out == direct
+    assert global_stat(datapath, "stale_reply") == 1
+    assert ct_entry(datapath, B1, CLIENT, 8080, 40032, direction="LB_CT_REPLY")[1] is None, "leftover removed"
+
+
+def test_reply_without_its_forward_entry_passes_untouched(datapath):
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40033, 80, "tcp"))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 40033, 80)
+    datapath.maps["lb_ct"].delete(key)
+    reply = frame(B1, CLIENT, 8080, 40033, "tcp", flags=TCP_SYN | TCP_ACK)
+    assert run(datapath, reply) == (TC_ACT_OK, reply)
 
 
 def test_no_endpoints_tcp_gets_a_reset(datapath):

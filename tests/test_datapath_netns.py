@@ -277,3 +277,46 @@ def test_trace_names_the_backend_of_a_tracked_flow(cluster):
     new = trace(AGENT_PIN_DIR, client, 1, "10.96.0.10", 80, "tcp")
     assert new[2].startswith("new flow") and len(new) == 6, new
     assert trace(AGENT_PIN_DIR, client, 1, "10.244.9.9", 80, "tcp")[1].startswith("no service")
+
+
+def test_replies_that_bypass_the_backend_link_are_translated_at_the_client(tmp_path):
+    """A backend on another node replies through the uplink, not through a link lbctl watches:
+    the reply is translated at egress of the client's link. Here, only the client links are
+    attached, so no backend link sees the replies."""
+    prefix, pin_dir = f"lby{os.getpid() % 1000}", TEST_PIN_DIR + "-y"
+    state = lab.lab_up(lab_spec(prefix, 202), tmp_path / "m")
+    agent = None
+    try:
+        clients = tuple(state.pods[c].host_link for c in state.clients)
+        agent = RunningAgent(str(tmp_path / "m"), pin_dir, clients).start()
+        assert set(agent.agent.attached.values()) == set(clients)
+        for proto, target, service in (("tcp", "10.96.0.10:80", "default/web"),
+                                       ("udp", "10.96.0.53:53", "default/dns")):
+            report = request_spread(client_ns(state), proto, target, 60)
+            assert sum(report["errors"].values()) == 0, report
+            assert set(report["answers"]) == pods_of(state, service)
+    finally:
+        if agent:
+            agent.teardown()
+        lab.lab_down(prefix)
+
+
+def test_an_unexpected_error_in_a_turn_is_logged_and_the_agent_goes_on(cluster, caplog):
+    state, agent = cluster
+    original = agent.agent.source.poll
+    calls = []
+
+    def broken():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return original()
+
+    agent.agent.source.poll = broken
+    try:
+        wait_for(lambda: len(calls) > 2, 10, what="the loop going on")
+    finally:
+        agent.agent.source.poll = original
+    assert agent.thread.is_alive()
+    assert "boom" in caplog.text
+    assert sum(request_spread(client_ns(state), "tcp", "10.96.0.10:80", 30)["answers"].values()) == 30

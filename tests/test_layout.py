@@ -61,6 +61,33 @@ def test_compiled_program_agrees_with_python(loaded_datapath):
 
 @pytest.mark.root
 def test_pinned_maps_have_the_shared_sizes(loaded_datapath):
-    for name, (key, value, entries) in loaded_datapath.cfg.expected_maps().items():
+    for name, want in loaded_datapath.cfg.expected_maps().items():
         info = loaded_datapath.maps[name].info
-        assert (info.key_size, info.value_size, info.max_entries) == (key, value, entries), name
+        assert (info.type, info.key_size, info.value_size, info.max_entries) == want, name
+
+
+@pytest.mark.root
+def test_a_pinned_map_of_another_type_is_refused(tmp_path):
+    """An agent must not adopt a pin that merely has the right sizes: a plain hash as lb_ct
+    would never evict, and conntrack would fill up."""
+    import ctypes
+    import os
+
+    from lbctl import ebpf
+    from conftest import config_for_tests
+
+    cfg = config_for_tests(pin_dir=f"/sys/fs/bpf/lbctl-test-type-{os.getpid()}")
+    os.makedirs(cfg.pin_dir)
+    try:
+        libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
+        libbpf.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
+                                          ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
+        _, key, value, entries = cfg.expected_maps()["lb_ct"]
+        fd = libbpf.bpf_map_create(bpfsys.MAP_TYPE_HASH, b"lb_ct", key, value, entries, None)
+        assert fd >= 0
+        bpfsys.obj_pin(fd, os.path.join(cfg.pin_dir, "lb_ct"))
+        os.close(fd)
+        with pytest.raises(ebpf.DatapathError, match="lb_ct has type/key/value/entries 1/"):
+            ebpf.check_pins(cfg)
+    finally:
+        ebpf.remove_pins(cfg.pin_dir)

@@ -927,3 +927,18 @@ def test_a_file_that_stops_parsing_keeps_its_last_good_objects(tmp_path):
     assert sorted(source.poll().services) == ["default/other", "default/web"]
     web.write_text("kind: Service\nmetadata: [\n")
     assert sorted(manifests.load_manifests(tmp_path).services) == ["default/other"]
+
+
+@pytest.mark.parametrize("name,text,expected", [
+    ("deep.yaml", "[" * 50000 + "]" * 50000, "nested 50000 levels deep"),
+    ("deep.json", "[" * 5000 + "]" * 5000, "nested 5000 levels deep"),
+    ("loop.yaml", "&a {kind: List, items: [*a]}\n", "List inside a List"),
+])
+def test_hostile_files_are_refused_without_crashing(tmp_path, name, text, expected):
+    """Deep nesting would overflow libyaml's C stack (a segfault) or Python's; a List holding
+    itself would recurse forever. Each is one Problem; the other files load."""
+    write(tmp_path / name, text)
+    write(tmp_path / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
+    snapshot = load_manifests(tmp_path)
+    assert list(snapshot.services) == ["default/web"]
+    assert [expected in p.message for p in snapshot.problems] == [True], snapshot.problems

@@ -190,3 +190,35 @@ def test_service_names_for_dump():
     desired = state(entry("default/web:http", WEB, be(2)))
     r.sync(desired)
     assert r.service_names(desired) == {r.services[WEB].service_id: "default/web:http"}
+
+
+def test_removals_come_first_so_a_full_map_takes_a_swap():
+    """Removing one service and adding another of the same size fits a map that is full."""
+    m = maps()
+    m[SERVICES].max_entries = 2
+    r = Reconciler(m, 100, 100)
+    assert not r.sync(state(entry("w", WEB, be(2)))).errors
+    result = r.sync(state(entry("d", DNS, be(5, 53, UDP))))
+    assert not result.errors, result.errors
+    assert contents(m) == {("10.96.0.53", 53): (1, ["10.244.0.5"])}
+
+
+def test_a_service_that_gets_no_id_does_not_block_the_others():
+    m = maps()
+    r = Reconciler(m, 2, 100)   # one service id
+    other = Frontend("10.96.0.99", 80, TCP)
+    result = r.sync(state(entry("a", WEB, be(2)), entry("b", other, be(3))))
+    assert len(result.errors) == 1 and "no free service id" in result.errors[0] and not r.dirty
+    assert contents(m) == {("10.96.0.10", 80): (1, ["10.244.0.2"])}
+    # the first service still follows its endpoints
+    assert not r.sync(state(entry("a", WEB, be(4)), entry("b", other, be(3)))).removed
+    assert contents(m)[("10.96.0.10", 80)] == (1, ["10.244.0.4"])
+
+
+def test_more_endpoints_than_slots_is_reported_not_raised():
+    m = maps()
+    r = Reconciler(m, 100, 1 << 17)
+    many = [Backend(f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 80, TCP) for i in range(0x10000)]
+    result = r.sync(state(entry("big", WEB, *many), entry("d", DNS, be(5, 53, UDP))))
+    assert any("65535" in e for e in result.errors), result.errors
+    assert list(contents(m)) == [("10.96.0.53", 53)]
