@@ -468,7 +468,8 @@ def _cluster_ips(spec: dict, service_type: str, warn: Callable[[str], None]) -> 
             raise _Invalid(f"clusterIP \"None\" (headless) is only valid for type ClusterIP, not {service_type}")
         return ()
     name = "clusterIPs" if listed else "clusterIP"
-    ips = tuple(_ip(ip, f"{name}[{i}]" if listed else name) for i, ip in enumerate(values))
+    ips = tuple(_unicast(_ip(ip, f"{name}[{i}]" if listed else name), f"{name}[{i}]" if listed else name)
+                for i, ip in enumerate(values))
     if len(ips) > 2 or (len(ips) == 2 and _family(ips[0]) == _family(ips[1])):
         raise _Invalid(f"clusterIPs {_show(list(ips))}: at most one address per IP family")
     return ips
@@ -632,7 +633,7 @@ def _endpoint_address(value: Any, address_type: str) -> str:
         if not isinstance(value, str) or not value:
             raise _Invalid(f"address {_show(value)} is not a domain name")
         return value
-    address = _ip(value, "address")
+    address = _unicast(_ip(value, "address"), "address")
     if _family(address) != address_type:
         raise _Invalid(f"address {_show(value)} is not an {address_type} address")
     return address
@@ -707,7 +708,7 @@ def _subset_ports(subset: dict, index: int, warn: Callable[[str], None]) -> tupl
 def _legacy_endpoint(raw: Any, ready: bool, where: str) -> Endpoint:
     spec = _mapping(raw, where)
     try:
-        address = _ip(spec.get("ip"), "ip")
+        address = _unicast(_ip(spec.get("ip"), "ip"), "ip")
     except _Invalid as error:
         raise _Invalid(f"{where}: {error}") from None
     return Endpoint(
@@ -824,6 +825,18 @@ def _ip(value: Any, what: str) -> str:
         return str(ipaddress.ip_address(value))
     except ValueError:
         raise _Invalid(f"{what} {_show(value)} is not a valid IP address") from None
+
+
+def _unicast(address: str, what: str) -> str:
+    """The API server refuses these for service and endpoint addresses (ValidateNonSpecialIP):
+    a datapath given 0.0.0.0, 127.0.0.1, a multicast or a link-local address (lbctl's hairpin
+    address is one) would steer traffic nowhere or somewhere surprising."""
+    ip = ipaddress.ip_address(address)
+    for special, label in ((ip.is_unspecified, "unspecified"), (ip.is_loopback, "loopback"),
+                           (ip.is_multicast, "multicast"), (ip.is_link_local, "link-local")):
+        if special:
+            raise _Invalid(f"{what} {address} is a {label} address")
+    return address
 
 
 def _cidr(value: Any, what: str) -> str:

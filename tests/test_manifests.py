@@ -942,3 +942,26 @@ def test_hostile_files_are_refused_without_crashing(tmp_path, name, text, expect
     snapshot = load_manifests(tmp_path)
     assert list(snapshot.services) == ["default/web"]
     assert [expected in p.message for p in snapshot.problems] == [True], snapshot.problems
+
+
+@pytest.mark.parametrize("address,label", [
+    ("0.0.0.0", "unspecified"), ("127.0.0.1", "loopback"), ("224.0.0.1", "multicast"),
+    ("169.254.42.1", "link-local"),
+])
+def test_special_addresses_are_refused_as_service_and_endpoint_ips(tmp_path, address, label):
+    write(tmp_path / "bad.yaml", SVC.format(name="bad", ip=address))
+    write(tmp_path / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
+    write(tmp_path / "eps.yaml", f"""apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {{name: web-1, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{port: 8080}}]
+endpoints:
+- addresses: ["{address}"]
+- addresses: ["10.244.0.9"]
+""")
+    snapshot = load_manifests(tmp_path)
+    assert list(snapshot.services) == ["default/web"]
+    assert [e.addresses for s in snapshot.slices["default/web"] for e in s.endpoints] == [("10.244.0.9",)]
+    messages = [str(p) for p in snapshot.problems]
+    assert len(messages) == 2 and all(f"is a {label} address" in m for m in messages), messages
