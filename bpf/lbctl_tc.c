@@ -287,6 +287,20 @@ static __always_inline int lb_reply_packet(struct __sk_buff *skb, const struct l
 	return TC_ACT_OK;
 }
 
+/* Headers the parser reads: Ethernet, IPv4 with options, TCP. */
+#define LB_HEADERS_MAX (sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr))
+
+/* Makes the headers direct-readable when the skb carries them outside its linear part (GRO'ed
+ * or fragmented buffers from some drivers); a no-op for the usual linear veth packet. */
+static __always_inline void lb_pull_headers(struct __sk_buff *skb)
+{
+	__u32 linear = skb->data_end - skb->data;
+	__u32 want = skb->len < LB_HEADERS_MAX ? skb->len : LB_HEADERS_MAX;
+
+	if (linear < want)
+		bpf_skb_pull_data(skb, want);
+}
+
 static __always_inline int lb_process_packet(struct __sk_buff *skb)
 {
 	struct lb_packet pkt = {};
@@ -294,7 +308,10 @@ static __always_inline int lb_process_packet(struct __sk_buff *skb)
 	struct lb_service_value *svc;
 	struct lb_ct_key reply = {};
 	struct lb_ct_value *ct;
-	int verdict = lb_parse(skb, &pkt);
+	int verdict;
+
+	lb_pull_headers(skb);
+	verdict = lb_parse(skb, &pkt);
 
 	if (verdict != LB_PARSE_OK) {
 		lb_count(verdict);

@@ -22,13 +22,13 @@ from .reconcile import SyncResult
 log = logging.getLogger("lbctl.agent")
 
 RTMGRP_LINK = 1
-LINK_RESYNC_SECONDS = 30.0   # full link scan even without events, as a safety net
 
 
 @dataclass
 class AgentOptions:
     interval: float = 1.0             # seconds between source polls
     detach_on_exit: bool = False      # False: leave the datapath serving on exit
+    link_rescan: float = 30.0         # seconds between full link scans that also verify filters
 
 
 class Agent:
@@ -95,7 +95,7 @@ class Agent:
         try:
             with IPRoute() as ipr, link_events() as events:
                 if watches_links:
-                    self.mode.attach_links(ipr)
+                    self.mode.attach_links(ipr, verify=True)
                 last_scan = time.monotonic()
                 while not stop.is_set():
                     if deadline and time.monotonic() > deadline:
@@ -107,9 +107,11 @@ class Agent:
                     ready, _, _ = select.select([events], [], [], self.options.interval)
                     # A link appeared or vanished (or events were lost): rescan. Link events
                     # are rare (a pod starting or stopping), a scan is one netlink dump.
-                    if (ready and drain(events)) or time.monotonic() - last_scan > LINK_RESYNC_SECONDS:
-                        self.mode.attach_links(ipr)
+                    if time.monotonic() - last_scan > self.options.link_rescan:
+                        self.mode.attach_links(ipr, verify=True)
                         last_scan = time.monotonic()
+                    elif ready and drain(events):
+                        self.mode.attach_links(ipr)
             clean_exit = True
         finally:
             # After a crash the datapath stays as it is, serving: detaching would take every

@@ -202,6 +202,11 @@ def _our_filters(ipr, index: int, tc_name: str) -> list[tuple[int, object]]:
             for f in _filters(ipr, index, parent) if _ours(f, tc_name)]
 
 
+def is_attached(ipr, index: int, tc_name: str = TC_NAME) -> bool:
+    """Both our filters (ingress and egress) are on the link."""
+    return {parent for parent, _ in _our_filters(ipr, index, tc_name)} == {TC_INGRESS, TC_EGRESS}
+
+
 def attach(ipr, index: int, prog_fd: int, tc_name: str = TC_NAME) -> None:
     """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
     Ingress sees requests from the pod and replies of local backends; egress sees replies that

@@ -96,8 +96,11 @@ class EbpfMode:
 
     # --- links ---------------------------------------------------------------------------------
 
-    def attach_links(self, ipr) -> None:
-        """Attaches to every matching link not yet done, forgets vanished ones."""
+    def attach_links(self, ipr, verify: bool = False) -> None:
+        """Attaches to every matching link not yet done, forgets vanished ones. With `verify`
+        (at start and on the periodic scan), also re-attaches where our filters were removed
+        behind our back, and detaches from links that no longer match --devices (a restart
+        with other patterns)."""
         present = {}
         for link in ipr.get_links():
             name = link.get_attr("IFLA_IFNAME")
@@ -106,8 +109,15 @@ class EbpfMode:
         for index, name in present.items():
             if index not in self.attached:
                 self._attach(ipr, index, name)
+            elif verify and not ebpf.is_attached(ipr, index, self.cfg.tc_name):
+                log.warning("our filters on %s were removed by someone else: attaching again", name)
+                self._attach(ipr, index, name)
         for index in set(self.attached) - set(present):
             log.info("link %s is gone", self.attached.pop(index))
+        if verify:
+            for index, name in ebpf.attached_links(ipr, self.cfg.tc_name):
+                if index not in present and ebpf.detach(ipr, index, self.cfg.tc_name):
+                    log.info("detached from %s: it no longer matches %s", name, ",".join(self.cfg.devices))
 
     def _attach(self, ipr, index: int, name: str) -> None:
         try:

@@ -2,6 +2,7 @@
 lab's manifests, real TCP and UDP through the ClusterIPs. Asserts what a user sees."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -42,7 +43,7 @@ class RunningAgent:
     def start(self) -> "RunningAgent":
         self.stop_event = threading.Event()
         self.agent = Agent(ManifestSource(self.manifests, interval=0.1), self.cfg,
-                           AgentOptions(interval=0.1, detach_on_exit=False))
+                           AgentOptions(interval=0.1, detach_on_exit=False, link_rescan=0.5))
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,),
                                        kwargs={"max_seconds": 600}, daemon=True)
         self.thread.start()
@@ -320,3 +321,34 @@ def test_an_unexpected_error_in_a_turn_is_logged_and_the_agent_goes_on(cluster, 
     assert agent.thread.is_alive()
     assert "boom" in caplog.text
     assert sum(request_spread(client_ns(state), "tcp", "10.96.0.10:80", 30)["answers"].values()) == 30
+
+
+def tc_filters(link: str, parent: str = "ingress") -> str:
+    return subprocess.run(["tc", "filter", "show", "dev", link, parent], capture_output=True, text=True).stdout
+
+
+def test_filters_removed_behind_our_back_come_back(cluster):
+    state, agent = cluster
+    link = state.pods["web-1"].host_link
+    subprocess.run(["tc", "filter", "del", "dev", link, "ingress"], check=True)
+    assert agent.cfg.tc_name not in tc_filters(link)
+    wait_for(lambda: agent.cfg.tc_name in tc_filters(link), 10, what=f"filter back on {link}")
+    assert sum(request_spread(client_ns(state), "tcp", "10.96.0.10:80", 30)["answers"].values()) == 30
+
+
+def test_a_restart_with_other_devices_leaves_the_links_that_no_longer_match(cluster):
+    state, agent = cluster
+    agent.stop()
+    keep = state.pods["web-0"].host_link
+    devices = agent.cfg.devices
+    agent.cfg = dataclasses.replace(agent.cfg, devices=(keep,))
+    try:
+        agent.start()
+        assert set(agent.agent.attached.values()) == {keep}
+        others = [p.host_link for name, p in state.pods.items() if p.host_link != keep]
+        assert all(agent.cfg.tc_name not in tc_filters(link) for link in others)
+        assert agent.cfg.tc_name in tc_filters(keep, "egress")
+    finally:
+        agent.stop()
+        agent.cfg = dataclasses.replace(agent.cfg, devices=devices)
+        agent.start()
