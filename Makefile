@@ -12,12 +12,13 @@ APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 ip
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo test test-unit bench-quick lint clean
+.PHONY: help setup apt-deps kernel-headers venv demo test test-unit bench-quick bench-modes clean
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
 	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
 	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
+	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
 	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
 
 setup: apt-deps kernel-headers venv
@@ -65,6 +66,9 @@ test-unit: venv
 
 bench-quick: setup
 	$(VENV)/bin/lbctl bench --services 10,100000 --plot out/bench-quick.png
+
+bench-modes: setup
+	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --plot out/bench-modes.png
 
 clean:
 	rm -rf $(VENV) *.egg-info out .pytest_cache

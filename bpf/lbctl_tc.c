@@ -258,7 +258,7 @@ static __always_inline int lb_service_packet(struct __sk_buff *skb, const struct
  * leftover of a finished flow and this packet belongs to something else (say the same client
  * port now talking to the pod directly): it is passed untouched and the leftover removed. */
 static __always_inline int lb_reply_packet(struct __sk_buff *skb, const struct lb_packet *pkt,
-					   const struct lb_ct_key *reply, struct lb_ct_value *ct)
+					   struct lb_ct_key *reply, struct lb_ct_value *ct)
 {
 	int hairpin = ct->flags & LB_CT_F_HAIRPIN;
 	struct lb_ct_key key = {

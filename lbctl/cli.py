@@ -7,6 +7,7 @@
   lbctl lab up|down              a small cluster in network namespaces
   lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
   lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
+  lbctl bench --modes none,ebpf,iptables,nftables   the datapaths side by side, end to end
   lbctl render iptables|nftables kube-proxy's rules for the same manifests
 """
 from __future__ import annotations
@@ -173,6 +174,18 @@ def cmd_cleanup(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_bench(args) -> int:
+    """`lbctl bench`: the tc program through BPF_PROG_TEST_RUN, or with --modes every datapath
+    end to end (lbctl.bench_modes)."""
+    if args.modes:
+        from .bench_modes import cmd_bench_modes
+        return cmd_bench_modes(args)
+    from . import bench
+
+    args.services = args.services or "10,100000"
+    return bench.cmd_bench(args)
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -252,14 +265,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--requests", type=int, default=300, help="requests per service port")
     demo.set_defaults(func=cmd_demo)
 
-    from .bench import cmd_bench
-    bench = sub.add_parser("bench", help="ns/packet through BPF_PROG_TEST_RUN")
-    bench.add_argument("--services", default="10,100000", help="comma-separated service counts")
-    bench.add_argument("--backends", type=int, default=2, help="backends per service")
-    bench.add_argument("--repeat", type=int, default=200_000, help="runs per measured path")
-    bench.add_argument("--new-flows", type=int, default=2000, help="new flows timed one by one")
+    bench = sub.add_parser(
+        "bench", help="ns/packet through BPF_PROG_TEST_RUN; with --modes, new TCP connections "
+                      "through each datapath (none, ebpf, iptables, nftables) side by side")
+    bench.add_argument("--services", default=None,
+                       help="comma-separated service counts (default 10,100000; with --modes "
+                            "10,1000,10000)")
+    bench.add_argument("--backends", type=int, default=2,
+                       help="backends per service (BPF_PROG_TEST_RUN bench)")
+    bench.add_argument("--repeat", type=int, default=200_000,
+                       help="runs per measured path (BPF_PROG_TEST_RUN bench)")
+    bench.add_argument("--new-flows", type=int, default=2000,
+                       help="new flows timed one by one (BPF_PROG_TEST_RUN bench)")
     bench.add_argument("--plot", default=None, help="write a PNG plot here")
     bench.add_argument("--json", action="store_true")
+    modes = bench.add_argument_group(
+        "datapaths side by side (--modes): a lab in network namespaces, the same services "
+        "programmed by each mode in turn, real connections from a client pod")
+    modes.add_argument("--modes", default=None, metavar="MODE[,MODE...]",
+                       help="compare these: none (no load balancer, the baseline), ebpf, "
+                            "iptables, nftables")
+    modes.add_argument("--connections", type=int, default=5000,
+                       help="connections per round, per mode and service count (%(default)s)")
+    modes.add_argument("--seconds", type=float, default=10.0,
+                       help="at most this long per round (%(default)s)")
+    modes.add_argument("--rounds", type=int, default=3,
+                       help="rounds per mode and service count; conn/s is the median (%(default)s)")
+    modes.add_argument("--workers", type=int, default=4,
+                       help="client processes, one connection in flight each (%(default)s)")
+    modes.add_argument("--sync-timeout", type=float, default=300.0,
+                       help="seconds one iptables-restore or nft transaction may take (%(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     from .kubeproxy import render_cmd

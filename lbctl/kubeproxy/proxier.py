@@ -57,7 +57,10 @@ class Runner(Protocol):
 class HostRunner:
     """Runs commands on this host, or inside network namespace ``netns`` (for tests)."""
 
-    def __init__(self, netns: str | None = None, timeout: float = 60.0):
+    # A full sync of 10,000 services takes iptables-restore --noflush ~45 s and nft -f ~100 s
+    # on a 2-core machine (measured by `lbctl bench --modes`): the bound only catches a hung
+    # command, it must not cut a slow one short (it would be retried as a full sync forever).
+    def __init__(self, netns: str | None = None, timeout: float = 900.0):
         self.netns = netns
         self.timeout = timeout
 
