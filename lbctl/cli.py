@@ -44,25 +44,20 @@ def datapath_config(args) -> ebpf.DatapathConfig:
 
 def kube_proxy_settings(args) -> dict:
     """--node-name/--node-ip/--cluster-cidr/... as kube-proxy config fields; ValueError if bad."""
-    from .kubeproxy import common, proxier
+    from .kubeproxy import proxier, render_cmd
 
+    errors = render_cmd.flag_errors(args)
+    if errors:
+        raise ValueError("; ".join(errors))
     node_ips = list(args.node_ip or [])
     if not node_ips:
         primary = proxier.primary_ipv4()
         if primary is None:
             raise ValueError("no default route to take the node IP from: give --node-ip")
         node_ips = [primary]
-    for ip in node_ips:
-        if common.parse_ip_sloppy(ip) is None:
-            raise ValueError(f"--node-ip {ip!r} is not an IP address")
-    cidrs = [c for c in (args.cluster_cidr or "").split(",") if c.strip()]
-    nodeport_addresses = tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
-    for cidr in cidrs + [c for c in nodeport_addresses if c != "primary"]:
-        if common.parse_cidr_sloppy(cidr) is None:
-            raise ValueError(f"{cidr!r} is not a CIDR (e.g. 10.244.0.0/16)")
     return dict(node_name=args.node_name or proxier.node_name(), node_ips=tuple(node_ips),
                 cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
-                nodeport_addresses=nodeport_addresses)
+                nodeport_addresses=render_cmd.nodeport_addresses(args))
 
 
 def build_mode(args):

@@ -136,8 +136,9 @@ def _fail(mode: str, message: str, code: int = 2) -> int:
     return code
 
 
-def _flag_errors(args) -> list[str]:
-    """Flag values kube-proxy's validation would refuse, each with the fix."""
+def flag_errors(args) -> list[str]:
+    """Flag values kube-proxy's validation would refuse, each with the fix (`lbctl render` and
+    `lbctl run --mode iptables|nftables|ipvs` share these flags)."""
     errors = []
     for ip in args.node_ip:
         if common.parse_ip_sloppy(ip) is None:
@@ -148,7 +149,7 @@ def _flag_errors(args) -> list[str]:
     for cidr in cidrs:
         if common.parse_cidr_sloppy(cidr) is None:
             errors.append(f"{cidr!r} is not a CIDR (e.g. 10.244.0.0/16)")
-    if not 0 <= args.masquerade_bit <= 31:
+    if not 0 <= getattr(args, "masquerade_bit", 14) <= 31:
         errors.append(f"--masquerade-bit {args.masquerade_bit} is out of range (0-31)")
     return errors
 
@@ -170,7 +171,7 @@ def _load_ports(mode: str, directory: Path):
     return service_ports(snapshot)
 
 
-def _nodeport_addresses(args) -> tuple[str, ...]:
+def nodeport_addresses(args) -> tuple[str, ...]:
     return tuple(c.strip() for c in args.nodeport_addresses.split(",") if c.strip())
 
 
@@ -186,7 +187,7 @@ def _print_rendered(mode: str, directory: Path, render: Callable[[Sequence], str
 
 def cmd_render_iptables(args) -> int:
     """Print the restore input (or, with --jump-rules, the built-in chain commands)."""
-    errors = _flag_errors(args)
+    errors = flag_errors(args)
     if errors:
         return _fail("iptables", "; ".join(errors))
     cfg = IptablesConfig(
@@ -194,7 +195,7 @@ def cmd_render_iptables(args) -> int:
         node_ips=tuple(args.node_ip),
         cluster_cidr=args.cluster_cidr,
         masquerade_all=args.masquerade_all,
-        nodeport_addresses=_nodeport_addresses(args),
+        nodeport_addresses=nodeport_addresses(args),
         localhost_nodeports=args.localhost_nodeports,
         random_fully=probe_random_fully() if args.random_fully is None else args.random_fully,
         nfacct=probe_nfacct() if args.nfacct is None else args.nfacct,
@@ -211,7 +212,7 @@ def cmd_render_iptables(args) -> int:
 
 def cmd_render_nftables(args) -> int:
     """Print the nft -f transaction of kube-proxy's first full sync."""
-    errors = _flag_errors(args)
+    errors = flag_errors(args)
     if errors:
         return _fail("nftables", "; ".join(errors))
     cfg = NftablesConfig(
@@ -219,7 +220,7 @@ def cmd_render_nftables(args) -> int:
         node_ips=tuple(args.node_ip),
         cluster_cidr=args.cluster_cidr,
         masquerade_all=args.masquerade_all,
-        nodeport_addresses=_nodeport_addresses(args),
+        nodeport_addresses=nodeport_addresses(args),
         service_cidrs=tuple(args.service_cidr),
         masquerade_bit=args.masquerade_bit,
         ip_family=args.ip_family,
