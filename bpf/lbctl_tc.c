@@ -301,18 +301,31 @@ static __always_inline void lb_pull_headers(struct __sk_buff *skb)
 		bpf_skb_pull_data(skb, want);
 }
 
-static __always_inline int lb_process_packet(struct __sk_buff *skb)
+/* Replies of tracked flows are translated back to the service address; the rest passes. */
+static __always_inline int lb_reply_or_pass(struct __sk_buff *skb, const struct lb_packet *pkt)
+{
+	struct lb_ct_key reply = {
+		.saddr = pkt->saddr, .daddr = pkt->daddr, .sport = pkt->sport,
+		.dport = pkt->dport, .proto = pkt->proto, .dir = LB_CT_REPLY,
+	};
+	struct lb_ct_value *ct = lb_ct.lookup(&reply);
+
+	if (ct)
+		return lb_reply_packet(skb, pkt, &reply, ct);
+	lb_count(LB_STAT_PASS_NO_SERVICE);
+	return TC_ACT_OK;
+}
+
+/* Ingress of a pod link (pod -> node): requests to services, and replies of local backends. */
+int lb_tc_ingress(struct __sk_buff *skb)
 {
 	struct lb_packet pkt = {};
 	struct lb_service_key frontend = {};
 	struct lb_service_value *svc;
-	struct lb_ct_key reply = {};
-	struct lb_ct_value *ct;
 	int verdict;
 
 	lb_pull_headers(skb);
 	verdict = lb_parse(skb, &pkt);
-
 	if (verdict != LB_PARSE_OK) {
 		lb_count(verdict);
 		return TC_ACT_OK;
@@ -328,23 +341,18 @@ static __always_inline int lb_process_packet(struct __sk_buff *skb)
 
 		return lb_service_packet(skb, &pkt, &frontend, &service);
 	}
-
-	reply.saddr = pkt.saddr;
-	reply.daddr = pkt.daddr;
-	reply.sport = pkt.sport;
-	reply.dport = pkt.dport;
-	reply.proto = pkt.proto;
-	reply.dir = LB_CT_REPLY;
-	ct = lb_ct.lookup(&reply);
-	if (ct)
-		return lb_reply_packet(skb, &pkt, &reply, ct);
-	lb_count(LB_STAT_PASS_NO_SERVICE);
-	return TC_ACT_OK;
+	return lb_reply_or_pass(skb, &pkt);
 }
 
-/* Attached at ingress (pod -> node: requests, replies from local backends) and at egress
- * (node -> pod: replies that came from another node) of the pod links. */
-int lb_tc_ingress(struct __sk_buff *skb)
+/* Egress of a pod link (node -> pod): only replies can need translating here (a backend on
+ * another node answered through the uplink); nothing addressed to a service reaches a pod,
+ * so the service lookup is skipped. Odd packets are not counted twice. */
+int lb_tc_egress(struct __sk_buff *skb)
 {
-	return lb_process_packet(skb);
+	struct lb_packet pkt = {};
+
+	lb_pull_headers(skb);
+	if (lb_parse(skb, &pkt) != LB_PARSE_OK)
+		return TC_ACT_OK;
+	return lb_reply_or_pass(skb, &pkt);
 }

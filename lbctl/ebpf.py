@@ -38,7 +38,7 @@ TC_INGRESS = 0xFFFFFFF2  # clsact ingress parent (ffff:fff2)
 TC_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 
-PROGRAM = "lb_tc_ingress"
+PROGRAMS = {"ingress": "lb_tc_ingress", "egress": "lb_tc_egress"}
 MAPS = ("lb_services", "lb_backends", "lb_ct", "lb_affinity", "lb_service_stats",
         "lb_backend_stats", "lb_global_stats")
 
@@ -145,7 +145,8 @@ class EbpfDatapath:
     def __init__(self, cfg: DatapathConfig = DatapathConfig()):
         self.cfg = cfg
         self.bpf = None
-        self.prog_fd = -1
+        self.prog_fd = -1          # ingress program (the one BPF_PROG_TEST_RUN tests drive)
+        self.egress_fd = -1
         self.maps: dict[str, BpfMap] = {}
 
     def load(self) -> "EbpfDatapath":
@@ -158,7 +159,8 @@ class EbpfDatapath:
         src = shared.BPF_DIR / "lbctl_tc.c"
         try:
             self.bpf = BPF(src_file=str(src).encode(), cflags=self.cfg.cflags())
-            self.prog_fd = self.bpf.load_func(PROGRAM.encode(), BPF.SCHED_CLS).fd
+            self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
+            self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
         except Exception as exc:
             raise DatapathError(f"compiling/loading {src} failed: {exc}") from exc
         for name in MAPS:
@@ -172,7 +174,7 @@ class EbpfDatapath:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-            self.prog_fd = -1
+            self.prog_fd = self.egress_fd = -1
 
     def __enter__(self):
         return self.load()
@@ -207,7 +209,7 @@ def is_attached(ipr, index: int, tc_name: str = TC_NAME) -> bool:
     return {parent for parent, _ in _our_filters(ipr, index, tc_name)} == {TC_INGRESS, TC_EGRESS}
 
 
-def attach(ipr, index: int, prog_fd: int, tc_name: str = TC_NAME) -> None:
+def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME) -> None:
     """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
     Ingress sees requests from the pod and replies of local backends; egress sees replies that
     reach the pod from elsewhere (a backend on another node, via the uplink)."""
@@ -216,8 +218,8 @@ def attach(ipr, index: int, prog_fd: int, tc_name: str = TC_NAME) -> None:
     except Exception as exc:  # EEXIST: clsact already there (ours or another tool's)
         if getattr(exc, "code", None) != 17:
             raise
-    for parent in (TC_INGRESS, TC_EGRESS):
-        ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=prog_fd, name=tc_name,
+    for parent, fd in ((TC_INGRESS, prog_fd), (TC_EGRESS, egress_fd)):
+        ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fd, name=tc_name,
                parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
 
 

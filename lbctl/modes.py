@@ -121,7 +121,7 @@ class EbpfMode:
 
     def _attach(self, ipr, index: int, name: str) -> None:
         try:
-            ebpf.attach(ipr, index, self.datapath.prog_fd, self.cfg.tc_name)
+            ebpf.attach(ipr, index, self.datapath.prog_fd, self.datapath.egress_fd, self.cfg.tc_name)
             self.attached[index] = name
             log.info("attached to %s (ifindex %d)", name, index)
         except Exception as exc:  # a link that vanished meanwhile, or a busy device

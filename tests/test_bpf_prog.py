@@ -355,3 +355,18 @@ def test_no_local_endpoints_drops_instead_of_rejecting(datapath):
     verdict, out = run(datapath, pkt)
     assert verdict == TC_ACT_SHOT and out == pkt
     assert global_stat(datapath, "no_backend") == 1
+
+
+def test_egress_program_translates_replies_and_nothing_else(datapath):
+    """At egress of a pod link only replies can need translating (a backend on another node);
+    a packet to a service address is not balanced there."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40080, 80, "tcp"))        # ingress: opens the flow
+    reply = frame(B1, CLIENT, 8080, 40080, "tcp", flags=TCP_SYN | TCP_ACK)
+    res = bpfsys.prog_test_run(datapath.egress_fd, reply)
+    p = assert_checksums_valid(res.data)
+    assert res.retval == TC_ACT_OK and (p[IP].src, p[TCP].sport) == (VIP, 80)
+    to_service = frame(CLIENT, VIP, 40081, 80, "tcp")
+    res = bpfsys.prog_test_run(datapath.egress_fd, to_service)
+    assert (res.retval, res.data) == (TC_ACT_OK, to_service)
+    assert global_stat(datapath, "svc_new_flow") == 1
