@@ -65,6 +65,7 @@ class EbpfMode:
         self.attached: dict[int, str] = {}
         self.desired = DesiredState()
         self.problems: tuple = ()
+        self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
 
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
@@ -79,7 +80,10 @@ class EbpfMode:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name)
         result = self.reconciler.sync(self.desired)
         if not self.reconciler.dirty:
-            dump.write_names(self.cfg.pin_dir, self.reconciler.service_names(self.desired))
+            names = self.reconciler.service_names(self.desired)
+            if names != self._names:
+                dump.write_names(self.cfg.pin_dir, names)
+                self._names = names
             if not self._switched:
                 # Switching modes: only now that this datapath is attached and programmed are
                 # the other modes' objects removed, so that services never go unserved.
@@ -131,18 +135,13 @@ class EbpfMode:
 
     def stop(self, detach: bool) -> None:
         if detach:
-            names = ebpf.detach_all(self.cfg.tc_name)
-            self.cleanup_pins()
-            log.info("detached from %d link(s) and unpinned maps", len(names))
+            log.info("removed %d datapath object(s): filters and pinned maps",
+                     len(self.cleanup(self.cfg)))
         else:
             log.info("exiting; programs stay attached and maps pinned under %s "
                      "(`lbctl cleanup` removes them)", self.cfg.pin_dir)
         if self.datapath is not None:
             self.datapath.close()
-
-    def cleanup_pins(self) -> None:
-        ebpf.remove_pins(self.cfg.pin_dir)
-        dump.remove_names(self.cfg.pin_dir)
 
     @classmethod
     def cleanup(cls, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig()) -> list[str]:
