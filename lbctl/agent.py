@@ -41,19 +41,6 @@ class Agent:
         self.syncs = 0
         self._reported: set[str] = set()
 
-    # compatibility with the eBPF mode's state, for tests and the demo
-    @property
-    def cfg(self):
-        return self.mode.cfg
-
-    @property
-    def reconciler(self):
-        return getattr(self.mode, "reconciler", None)
-
-    @property
-    def attached(self) -> dict[int, str]:
-        return getattr(self.mode, "attached", {})
-
     def report(self, problems) -> None:
         """Logs each problem once while it lasts (not on every poll), and when it is gone."""
         now = {str(p) for p in problems}

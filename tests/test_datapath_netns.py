@@ -188,7 +188,7 @@ def test_restart_keeps_established_flows(cluster):
         agent.stop()
         assert ask() == first, "the datapath keeps serving while the agent is down"
         agent.start()
-        assert agent.agent.reconciler.services, "state restored from the pinned maps"
+        assert agent.agent.mode.reconciler.services, "state restored from the pinned maps"
         assert all(ask() == first for _ in range(10)), "the flow kept its backend across the restart"
     finally:
         sock.close()
@@ -204,10 +204,10 @@ def test_new_links_are_attached_and_vanished_ones_forgotten(cluster):
                                  capture_output=True, text=True).stdout
             return agent.cfg.tc_name in out
         wait_for(attached, 10, what=f"filter on {name}")
-        assert any(n == peer for n in agent.agent.attached.values())
+        assert any(n == peer for n in agent.agent.mode.attached.values())
     finally:
         subprocess.run(["ip", "link", "del", name], check=False)
-    wait_for(lambda: name not in agent.agent.attached.values(), 10, what=f"{name} forgotten")
+    wait_for(lambda: name not in agent.agent.mode.attached.values(), 10, what=f"{name} forgotten")
 
 
 def test_dump_maps_from_another_process(cluster):
@@ -290,7 +290,7 @@ def test_replies_that_bypass_the_backend_link_are_translated_at_the_client(tmp_p
     try:
         clients = tuple(state.pods[c].host_link for c in state.clients)
         agent = RunningAgent(str(tmp_path / "m"), pin_dir, clients).start()
-        assert set(agent.agent.attached.values()) == set(clients)
+        assert set(agent.agent.mode.attached.values()) == set(clients)
         for proto, target, service in (("tcp", "10.96.0.10:80", "default/web"),
                                        ("udp", "10.96.0.53:53", "default/dns")):
             report = request_spread(client_ns(state), proto, target, 60)
@@ -344,7 +344,7 @@ def test_a_restart_with_other_devices_leaves_the_links_that_no_longer_match(clus
     agent.cfg = dataclasses.replace(agent.cfg, devices=(keep,))
     try:
         agent.start()
-        assert set(agent.agent.attached.values()) == {keep}
+        assert set(agent.agent.mode.attached.values()) == {keep}
         others = [p.host_link for name, p in state.pods.items() if p.host_link != keep]
         assert all(agent.cfg.tc_name not in tc_filters(link) for link in others)
         assert agent.cfg.tc_name in tc_filters(keep, "egress")
