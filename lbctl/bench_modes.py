@@ -86,7 +86,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -98,7 +97,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from . import ebpf, lab, netns
-from .labclient import Outcome, classify, new_socket, parse_reply
+from .labclient import tcp_request
 from .model import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
 
 MODES = ("none", "ebpf", "iptables", "nftables")
@@ -394,20 +393,10 @@ def preflight(modes: Sequence[str], spec: BenchSpec) -> None:
 
 
 def timed_request(target: tuple[str, int], timeout: float):
-    """One new TCP connection: (Outcome, microseconds from connect() to the answer's last byte)."""
-    with new_socket(socket.SOCK_STREAM, timeout) as sock:
-        started = time.perf_counter_ns()
-        try:
-            sock.connect(target)
-            data = b""
-            while not data.endswith(b"\n") and (chunk := sock.recv(512)):
-                data += chunk
-        except OSError as exc:
-            return classify(sock, exc), 0.0
-        took = (time.perf_counter_ns() - started) / 1000
-    if not data:
-        return Outcome(error="other", detail="closed without reply"), 0.0
-    return parse_reply(data), took
+    """One new TCP connection (the lab client's): (Outcome, microseconds until its answer)."""
+    started = time.perf_counter_ns()
+    outcome = tcp_request(target, timeout)
+    return outcome, (0.0 if outcome.error else (time.perf_counter_ns() - started) / 1000)
 
 
 def client_worker(index: int, workers: int, targets: list[tuple[str, int]], count: int,
