@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from lbctl import ebpf
-from lbctl.reconcile import Reconciler
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.ebpf.reconcile import Reconciler
 
 TEST_PIN_DIR = f"/sys/fs/bpf/lbctl-test-{os.getpid()}"
 
@@ -31,9 +31,9 @@ def loaded_datapath():
 
 
 def clear_maps(dp: ebpf.EbpfDatapath) -> None:
-    from lbctl import shared
+    from lbctl.datapath.ebpf import shared
 
-    for name in ("lb_services", "lb_backends", "lb_ct", "lb_affinity"):
+    for name in ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity"):
         m = dp.maps[name]
         for key in list(m.keys()):
             m.delete(key)

@@ -19,7 +19,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lbctl.model import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
+from lbctl.model.objects import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
 
 GOLDEN = Path(__file__).parent / "golden"
 

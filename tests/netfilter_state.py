@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-from lbctl.kubeproxy.iptables_mode import parse_save
-from lbctl.kubeproxy.proxier import HostRunner
+from lbctl.datapath.kubeproxy.iptables_mode import parse_save
+from lbctl.datapath.kubeproxy.proxier import HostRunner
 
 
 def _clean(value):

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from lbctl import bench_modes, cli, lab
-from lbctl.model import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
+from lbctl.bench import modes as bench_modes
+from lbctl.cli import main as cli
+from lbctl.lab import cluster as lab
+from lbctl.model.objects import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
 
 from conftest import TEST_PIN_DIR
 
@@ -65,7 +67,7 @@ def test_cli_bench_keeps_the_program_bench_and_adds_modes(monkeypatch):
             return 0
         return record
 
-    monkeypatch.setattr("lbctl.bench.cmd_bench", recorder("program"))
+    monkeypatch.setattr("lbctl.bench.prog.cmd_bench", recorder("program"))
     monkeypatch.setattr(bench_modes, "cmd_bench_modes", recorder("modes"))
     assert cli.main(["bench", "--repeat", "10"]) == 0
     assert seen["program"].services == "10,100000" and seen["program"].repeat == 10

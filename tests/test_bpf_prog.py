@@ -1,7 +1,7 @@
 """The tc program as a program: crafted packets through BPF_PROG_TEST_RUN.
 
 Output bytes are parsed and checksums verified with scapy, independently of the program and of
-lbctl.packets."""
+lbctl.datapath.ebpf.packets."""
 from __future__ import annotations
 
 import collections
@@ -13,10 +13,11 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from lbctl import bpfsys, shared
-from lbctl.model import Backend, DesiredState, Frontend, Protocol
-from lbctl.packets import TCP_ACK, TCP_FIN, TCP_SYN, frame
-from lbctl.reconcile import entry
+from lbctl.datapath.ebpf import bpfsys
+from lbctl.datapath.ebpf import shared
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
+from lbctl.datapath.ebpf.packets import TCP_ACK, TCP_FIN, TCP_SYN, frame
+from lbctl.datapath.ebpf.reconcile import entry
 
 pytestmark = pytest.mark.root
 
@@ -203,10 +204,10 @@ def test_removed_backend_makes_its_flows_choose_again(datapath):
 
 
 def ct_entry(dp, src, dst, sport, dport, proto=6, direction="LB_CT_FORWARD"):
-    key = shared.new("lb_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
+    key = shared.new("lb4_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
                      dport=shared.be16(dport), proto=proto, dir=shared.const(direction))
-    raw = dp.maps["lb_ct"].lookup(key)
-    return key, (shared.view("lb_ct_value", raw) if raw is not None else None)
+    raw = dp.maps["lb4_ct"].lookup(key)
+    return key, (shared.view("lb4_ct_value", raw) if raw is not None else None)
 
 
 def lifetime_left(dp, entry) -> float:
@@ -248,10 +249,10 @@ def test_leftover_reply_entry_does_not_hijack_a_direct_connection(datapath):
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40032, 80, "tcp"))
     key, fwd = ct_entry(datapath, CLIENT, VIP, 40032, 80)
-    expired = shared.new("lb_ct_value", **{f: getattr(fwd, f) for f in shared.fields("lb_ct_value") if f != "pad"})
+    expired = shared.new("lb4_ct_value", **{f: getattr(fwd, f) for f in shared.fields("lb4_ct_value") if f != "pad"})
     expired = bytearray(expired)
-    expired[shared.offsetof("lb_ct_value", "expires"):shared.offsetof("lb_ct_value", "expires") + 8] = (1).to_bytes(8, "little")
-    datapath.maps["lb_ct"].update(key, bytes(expired))
+    expired[shared.offsetof("lb4_ct_value", "expires"):shared.offsetof("lb4_ct_value", "expires") + 8] = (1).to_bytes(8, "little")
+    datapath.maps["lb4_ct"].update(key, bytes(expired))
     direct = frame(B1, CLIENT, 8080, 40032, "tcp", flags=TCP_SYN | TCP_ACK)
     verdict, out = run(datapath, direct)
     assert verdict == TC_ACT_OK and out == direct
@@ -263,7 +264,7 @@ def test_reply_without_its_forward_entry_passes_untouched(datapath):
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40033, 80, "tcp"))
     key, _ = ct_entry(datapath, CLIENT, VIP, 40033, 80)
-    datapath.maps["lb_ct"].delete(key)
+    datapath.maps["lb4_ct"].delete(key)
     reply = frame(B1, CLIENT, 8080, 40033, "tcp", flags=TCP_SYN | TCP_ACK)
     assert run(datapath, reply) == (TC_ACT_OK, reply)
 

@@ -14,10 +14,12 @@ import pytest
 import yaml
 from scipy.stats import chisquare
 
-from lbctl import dump, ebpf, lab
-from lbctl.agent import Agent, AgentOptions
-from lbctl.labclient import request_spread
-from lbctl.manifests import ManifestSource
+from lbctl.datapath.ebpf import dump
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.lab import cluster as lab
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.lab.client import request_spread
+from lbctl.sources.manifests import ManifestSource
 
 from conftest import TEST_PIN_DIR, config_for_tests
 from nsutil import socket_in, wait_for
@@ -163,7 +165,7 @@ def test_service_without_endpoints_rejects(cluster, manifests):
 
 def test_bad_manifest_is_reported_and_the_rest_stays_programmed(cluster, manifests, caplog):
     state, agent = cluster
-    caplog.set_level(logging.ERROR, logger="lbctl.agent")
+    caplog.set_level(logging.ERROR, logger="lbctl.agent.loop")
     agent.wait_synced_after(lambda: (manifests / "broken.yaml").write_text("kind: Service\nmetadata: [\n"))
     assert any("broken.yaml" in r.getMessage() for r in caplog.records), caplog.text
     assert agent.thread.is_alive()
@@ -260,7 +262,7 @@ def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):
 
 def test_trace_names_the_backend_of_a_tracked_flow(cluster):
     state, agent = cluster
-    from lbctl.dump import trace
+    from lbctl.datapath.ebpf.dump import trace
     sock = socket_in(client_ns(state))
     try:
         sock.settimeout(2)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.desired import desired_state, service_ports
-from lbctl.manifests import load_manifests
-from lbctl.model import (
+from lbctl.model.desired import desired_state, service_ports
+from lbctl.sources.manifests import load_manifests
+from lbctl.model.objects import (
     Backend,
     ClusterSnapshot,
     DesiredState,

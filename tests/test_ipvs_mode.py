@@ -28,9 +28,9 @@ from pathlib import Path
 import pytest
 
 from kubeproxy_cases import ep, info, port, service
-from lbctl.ebpf import DatapathError
-from lbctl.kubeproxy import ipvs
-from lbctl.kubeproxy.ipvs import (
+from lbctl.datapath.base import DatapathError
+from lbctl.datapath.kubeproxy import ipvs
+from lbctl.datapath.kubeproxy.ipvs import (
     FakeKernel,
     IpvsConfig,
     IpvsMode,
@@ -937,7 +937,7 @@ def test_agent_run_with_ipvs_mode_fails_instead_of_half_working():
     if has_ipvs():
         LinuxKernel.open(require=True).close()
         return
-    from lbctl.agent import Agent, AgentOptions
+    from lbctl.agent.loop import Agent, AgentOptions
 
     class Source:
         polled = 0

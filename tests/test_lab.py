@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbctl import lab, netns
-from lbctl.labclient import request_spread
+from lbctl.lab import cluster as lab
+from lbctl.lab import netns
+from lbctl.lab.client import request_spread
 
 needs_root = [
     pytest.mark.root,
@@ -219,7 +220,7 @@ class TestLifecycle:
             pids = lab_pids(state)
             assert len(pids) == 5 and all(netns.pid_alive(pid) for pid in pids)
 
-            subprocess.run([sys.executable, "-c", "import sys; from lbctl.lab import lab_down; "
+            subprocess.run([sys.executable, "-c", "import sys; from lbctl.lab.cluster import lab_down; "
                             "sys.exit(0 if lab_down(sys.argv[1]) else 3)", spec.prefix],
                            check=True, timeout=60, env=netns.python_env())
             for pid in pids:

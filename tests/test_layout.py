@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 
-from lbctl import bpfsys, shared
-from lbctl.packets import frame
+from lbctl.datapath.ebpf import bpfsys
+from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf.packets import frame
 
 
 def _layout_items():
@@ -47,7 +48,7 @@ def test_compiled_program_agrees_with_python(loaded_datapath):
         "#include <uapi/linux/bpf.h>\n#include <linux/stddef.h>\n#include \"lbctl_shared.h\"\n"
         f"BPF_ARRAY(layout, u64, {len(items)});\n"
         "int measure(struct __sk_buff *skb) {\n" + "\n".join(body) + "\nreturn 0; }\n")
-    b = BPF(text=text.encode(), cflags=[f"-I{shared.BPF_DIR}"])
+    b = BPF(text=text.encode(), cflags=[f"-I{shared.BPF_DIR / 'include'}"])
     try:
         fn = b.load_func(b"measure", BPF.SCHED_CLS)
         bpfsys.prog_test_run(fn.fd, frame("10.0.0.1", "10.0.0.2", 1, 2))
@@ -68,12 +69,12 @@ def test_pinned_maps_have_the_shared_sizes(loaded_datapath):
 
 @pytest.mark.root
 def test_a_pinned_map_of_another_type_is_refused(tmp_path):
-    """An agent must not adopt a pin that merely has the right sizes: a plain hash as lb_ct
+    """An agent must not adopt a pin that merely has the right sizes: a plain hash as lb4_ct
     would never evict, and conntrack would fill up."""
     import ctypes
     import os
 
-    from lbctl import ebpf
+    from lbctl.datapath.ebpf import loader as ebpf
     from conftest import config_for_tests
 
     cfg = config_for_tests(pin_dir=f"/sys/fs/bpf/lbctl-test-type-{os.getpid()}")
@@ -82,12 +83,12 @@ def test_a_pinned_map_of_another_type_is_refused(tmp_path):
         libbpf = ctypes.CDLL("libbpf.so.1", use_errno=True)
         libbpf.bpf_map_create.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32,
                                           ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
-        _, key, value, entries = cfg.expected_maps()["lb_ct"]
-        fd = libbpf.bpf_map_create(bpfsys.MAP_TYPE_HASH, b"lb_ct", key, value, entries, None)
+        _, key, value, entries = cfg.expected_maps()["lb4_ct"]
+        fd = libbpf.bpf_map_create(bpfsys.MAP_TYPE_HASH, b"lb4_ct", key, value, entries, None)
         assert fd >= 0
-        bpfsys.obj_pin(fd, os.path.join(cfg.pin_dir, "lb_ct"))
+        bpfsys.obj_pin(fd, os.path.join(cfg.pin_dir, "lb4_ct"))
         os.close(fd)
-        with pytest.raises(ebpf.DatapathError, match="lb_ct has type/key/value/entries 1/"):
+        with pytest.raises(ebpf.DatapathError, match="lb4_ct has type/key/value/entries 1/"):
             ebpf.check_pins(cfg)
     finally:
         ebpf.remove_pins(cfg.pin_dir)

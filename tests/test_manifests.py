@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbctl import manifests
-from lbctl.manifests import (
+from lbctl.sources import manifests
+from lbctl.sources.manifests import (
     ManifestSource,
     Source,
     build_snapshot,
     load_manifests,
     parse_documents,
 )
-from lbctl.model import (
+from lbctl.model.objects import (
     ClusterSnapshot,
     Endpoint,
     EndpointPort,

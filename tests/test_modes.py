@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from lbctl import cli, ebpf, modes
-from lbctl.kubeproxy import IptablesConfig, NftablesConfig, render_iptables, render_iptables_partial
-from lbctl.kubeproxy import render_jump_chains, render_jump_rules, render_nftables
-from lbctl.kubeproxy import iptables_mode, proxier
-from lbctl.kubeproxy.iptables_mode import IptablesMode, cleanup_restore, parse_save
-from lbctl.kubeproxy.nftables_mode import NftablesMode, Rendered, partial_transaction
-from lbctl.kubeproxy.proxier import Completed, ProxierOptions, count_changes, stale_udp_conntrack
+from lbctl.cli import main as cli
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath import base as modes
+from lbctl.datapath.kubeproxy import IptablesConfig, NftablesConfig, render_iptables, render_iptables_partial
+from lbctl.datapath.kubeproxy import render_jump_chains, render_jump_rules, render_nftables
+from lbctl.datapath.kubeproxy import iptables_mode
+from lbctl.datapath.kubeproxy import proxier
+from lbctl.datapath.kubeproxy.iptables_mode import IptablesMode, cleanup_restore, parse_save
+from lbctl.datapath.kubeproxy.nftables_mode import NftablesMode, Rendered, partial_transaction
+from lbctl.datapath.kubeproxy.proxier import Completed, ProxierOptions, count_changes, stale_udp_conntrack
 
 from kubeproxy_cases import ep, info, port, service
 from netfilter_state import iptables_state, nft_state

@@ -32,13 +32,17 @@ import pytest
 import yaml
 from scipy.stats import chisquare
 
-from lbctl import dump, ebpf, lab
-from lbctl.agent import Agent, AgentOptions
-from lbctl.desired import service_ports
-from lbctl.kubeproxy import iptables_mode, nftables_mode, proxier
-from lbctl.labclient import request_spread
-from lbctl.manifests import ManifestSource, load_manifests
-from lbctl.modes import EbpfMode
+from lbctl.datapath.ebpf import dump
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.lab import cluster as lab
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.model.desired import service_ports
+from lbctl.datapath.kubeproxy import iptables_mode
+from lbctl.datapath.kubeproxy import nftables_mode
+from lbctl.datapath.kubeproxy import proxier
+from lbctl.lab.client import request_spread
+from lbctl.sources.manifests import ManifestSource, load_manifests
+from lbctl.datapath.ebpf.mode import EbpfMode
 
 from conftest import TEST_PIN_DIR, config_for_tests
 from netfilter_state import iptables_state, nft_state

@@ -4,9 +4,10 @@ from __future__ import annotations
 import dataclasses
 
 
-from lbctl import shared
-from lbctl.model import Backend, DesiredState, Frontend, Protocol
-from lbctl.reconcile import BACKENDS, SERVICES, FakeMap, Reconciler, entry
+from lbctl.datapath.ebpf import shared
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
+from lbctl.datapath.ebpf.reconcile import BACKENDS, SERVICES, Reconciler, entry
+from lbctl.testing.fakemap import FakeMap
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
 WEB = Frontend("10.96.0.10", 80, TCP)
@@ -18,7 +19,7 @@ def be(i: int, port: int = 8080, proto=TCP) -> Backend:
 
 
 def maps() -> dict:
-    return {SERVICES: FakeMap(SERVICES), BACKENDS: FakeMap(BACKENDS), "lb_affinity": FakeMap("a"),
+    return {SERVICES: FakeMap(SERVICES), BACKENDS: FakeMap(BACKENDS), "lb4_affinity": FakeMap("a"),
             "lb_service_stats": FakeMap("s", percpu=True), "lb_backend_stats": FakeMap("b", percpu=True)}
 
 
@@ -27,17 +28,17 @@ def state(*entries) -> DesiredState:
 
 
 def slot_of(key: bytes) -> tuple[str, int]:
-    k = shared.view("lb_service_key", key)
+    k = shared.view("lb4_service_key", key)
     return shared.from_be32(k.address), k.backend_slot
 
 
 def contents(m) -> dict:
     """frontend -> (count, [backend address per slot])"""
-    backends = {shared.parse_u32(k): shared.from_be32(shared.view("lb_backend", v).address)
+    backends = {shared.parse_u32(k): shared.from_be32(shared.view("lb4_backend", v).address)
                 for k, v in m[BACKENDS].data.items()}
     out = {}
     for k, v in m[SERVICES].data.items():
-        key, val = shared.view("lb_service_key", k), shared.view("lb_service_value", v)
+        key, val = shared.view("lb4_service_key", k), shared.view("lb4_service_value", v)
         fe = (shared.from_be32(key.address), shared.from_be16(key.dport))
         row = out.setdefault(fe, [None, {}])
         if key.backend_slot == 0:
@@ -143,7 +144,7 @@ def test_leftover_slots_from_an_interrupted_sync_are_removed():
 
 
 def backend_flags(m) -> dict:
-    return {shared.from_be32(shared.view("lb_backend", v).address): shared.view("lb_backend", v).flags
+    return {shared.from_be32(shared.view("lb4_backend", v).address): shared.view("lb4_backend", v).flags
             for v in m[BACKENDS].data.values()}
 
 
@@ -166,14 +167,14 @@ def test_affinity_is_programmed_restored_and_forgotten():
     r = Reconciler(m, 100, 100)
     desired = state(dataclasses.replace(entry("w", WEB, be(2)), affinity_timeout=600))
     r.sync(desired)
-    frontend = shared.view("lb_service_value", m[SERVICES].data[shared.service_key("10.96.0.10", 80, 6)])
+    frontend = shared.view("lb4_service_value", m[SERVICES].data[shared.service_key("10.96.0.10", 80, 6)])
     assert frontend.affinity_timeout == 600 and frontend.flags & shared.const("LB_SVC_F_AFFINITY")
     assert not Reconciler(m, 100, 100).sync(desired).changed, "restored with its timeout"
     sid = r.services[WEB].service_id
-    m["lb_affinity"].update(shared.new("lb_affinity_key", client=1, service_id=sid), b"\0" * 16)
-    m["lb_affinity"].update(shared.new("lb_affinity_key", client=1, service_id=sid + 1), b"\0" * 16)
+    m["lb4_affinity"].update(shared.new("lb4_affinity_key", client=1, service_id=sid), b"\0" * 16)
+    m["lb4_affinity"].update(shared.new("lb4_affinity_key", client=1, service_id=sid + 1), b"\0" * 16)
     r.sync(state())
-    assert [shared.view("lb_affinity_key", k).service_id for k in m["lb_affinity"].data] == [sid + 1]
+    assert [shared.view("lb4_affinity_key", k).service_id for k in m["lb4_affinity"].data] == [sid + 1]
 
 
 def test_running_out_of_ids_is_a_clear_error():

@@ -35,7 +35,7 @@ from kubeproxy_cases import (
     sort_iptables_rules,
     write_cli_manifests,
 )
-from lbctl.kubeproxy import (
+from lbctl.datapath.kubeproxy import (
     IptablesConfig,
     render_iptables,
     render_iptables_partial,
@@ -43,7 +43,8 @@ from lbctl.kubeproxy import (
     render_jump_rules,
     trace_iptables,
 )
-from lbctl.kubeproxy import common, iptables
+from lbctl.datapath.kubeproxy import common
+from lbctl.datapath.kubeproxy import iptables
 
 # kube-proxy's NewFakeProxier: IPv4, pod CIDR detector, localhost NodePorts, nfacct counters
 # available, no --random-fully, the mark injected as "0x4000".
@@ -681,7 +682,7 @@ def manifests(tmp_path):
 
 
 def render_cli(*argv: str) -> int:
-    from lbctl import cli
+    from lbctl.cli import main as cli
 
     return cli.main(["render", *argv])
 
@@ -704,7 +705,7 @@ def test_cli_renders_the_manifests(manifests, capsys):
 
 
 def test_cli_probes_the_host_when_not_told(manifests, capsys, monkeypatch):
-    from lbctl.kubeproxy import render_cmd
+    from lbctl.cli import render as render_cmd
 
     monkeypatch.setattr(render_cmd, "probe_random_fully", lambda: True)
     monkeypatch.setattr(render_cmd, "probe_nfacct", lambda: False)
@@ -755,7 +756,7 @@ def test_cli_prints_jump_rules(manifests, capsys):
 
 def test_host_probes(monkeypatch, tmp_path):
     """The probes read the host; here they are pointed at files and fake tool output."""
-    from lbctl.kubeproxy import render_cmd
+    from lbctl.cli import render as render_cmd
 
     sysctl = tmp_path / "nf_conntrack_tcp_be_liberal"
     monkeypatch.setattr(render_cmd, "TCP_BE_LIBERAL_SYSCTL", sysctl)

@@ -32,8 +32,9 @@ from kubeproxy_cases import (
     sort_nftables_transaction,
     write_cli_manifests,
 )
-from lbctl.kubeproxy import NftablesConfig, render_nftables
-from lbctl.kubeproxy import common, nftables
+from lbctl.datapath.kubeproxy import NftablesConfig, render_nftables
+from lbctl.datapath.kubeproxy import common
+from lbctl.datapath.kubeproxy import nftables
 
 # kube-proxy's NewFakeProxier for nftables: service CIDR 172.30.0.0/16 known, NodePorts on the
 # primary node IP (192.168.0.2/32), pod CIDR detector, the mark injected as "0x4000".
@@ -263,7 +264,7 @@ def test_nft_accepts_transaction(name, ports, config):
 
 def test_cli_renders_the_manifests(tmp_path, capsys):
     """The command maps its flags to NftablesConfig; the iptables tests cover the shared parts."""
-    from lbctl import cli
+    from lbctl.cli import main as cli
 
     rc = cli.main(["render", "nftables", "--manifests", str(write_cli_manifests(tmp_path)),
                    "--node-name", TEST_NODE_NAME, "--node-ip", "192.168.0.2", "--cluster-cidr", POD_CIDR,

@@ -1,0 +1,158 @@
+/* lbctl_shared.h: every map key and value, flag bit and counter index.
+ *
+ * Shared by the BPF programs (compiled by bcc) and the Python control plane, which reads this
+ * very file with cffi (lbctl/shared.py): plain structs of fixed-width types with explicit padding,
+ * and integer #defines only. No struct is written twice; tests/test_layout.py checks that the
+ * compiled program and Python agree on every size and offset.
+ *
+ * Byte order lives in the type: __be32/__be16 fields are network order, everything else host.
+ */
+#ifndef LBCTL_SHARED_H
+#define LBCTL_SHARED_H
+
+/* Default map sizes; `lbctl run --max-services/--max-backends/--ct-size` override them at
+ * compile time (-D). The structure holds 100,000 services and 1,000,000 backends as is:
+ * only these numbers change. */
+#ifndef LB_SERVICES_MAP_SIZE
+#define LB_SERVICES_MAP_SIZE 131072   /* frontend (slot 0) + backend slot entries */
+#endif
+#ifndef LB_BACKENDS_MAP_SIZE
+#define LB_BACKENDS_MAP_SIZE 65536    /* backend ids 1..size-1; id 0 means "none" */
+#endif
+#ifndef LB_SERVICE_IDS
+#define LB_SERVICE_IDS 65536          /* service ids (counter index) 1..size-1 */
+#endif
+#ifndef LB_AFFINITY_MAP_SIZE
+#define LB_AFFINITY_MAP_SIZE 65536    /* sessionAffinity: ClientIP entries (client, service) */
+#endif
+#ifndef LB_CT_MAP_SIZE
+#define LB_CT_MAP_SIZE 262144         /* connection tracking entries (2 per flow) */
+#endif
+
+/* Connection tracking lifetimes, seconds (as Cilium's defaults: kube-proxy leaves TCP to
+ * nf_conntrack, whose established timeout it raises to 1 day; 6 h is what Cilium uses). */
+#define LB_CT_LIFETIME_TCP 21600        /* established: a reply has been seen */
+#define LB_CT_LIFETIME_SYN 60           /* TCP before any reply: a port sprayer cannot push
+					 * established flows out of the LRU for hours */
+#define LB_CT_LIFETIME_NONTCP 60
+#define LB_CT_LIFETIME_CLOSING 10       /* after a RST, or a FIN from each side */
+#define LB_CT_REFRESH_NS 1000000000ULL  /* rewrite a live entry's expiry at most once a second */
+
+/* lb4_service_key.scope */
+#define LB_SCOPE_EXTERNAL 0           /* ClusterIP: the one scope of this milestone */
+
+/* lb4_service_value.flags (slot 0 only) */
+#define LB_SVC_F_CLUSTERIP 0x01       /* a ClusterIP frontend */
+#define LB_SVC_F_AFFINITY 0x02        /* sessionAffinity: ClientIP; timeout in affinity_timeout */
+#define LB_SVC_F_DROP 0x04            /* count 0 means drop, not reject (internalTrafficPolicy
+				       * Local without a local endpoint, as kube-proxy does) */
+
+/* lb4_backend.flags */
+#define LB_BACKEND_F_DRAINING 0x01    /* in no slot: only established flows (and no affinity) */
+
+/* lb4_ct_key.dir: the two entries kept per flow */
+#define LB_CT_FORWARD 0               /* client -> VIP: value names the chosen backend */
+#define LB_CT_REPLY 1                 /* backend -> client: value names the VIP to restore */
+
+/* lb4_ct_value.flags */
+#define LB_CT_F_CLOSING 0x01          /* RST, or FIN both ways: a new SYN on this tuple is a new flow */
+#define LB_CT_F_HAIRPIN 0x02          /* a pod reached itself: source rewritten to LB_HAIRPIN_ADDR */
+#define LB_CT_F_SEEN_REPLY 0x04       /* the backend has answered (forward entry) */
+#define LB_CT_F_FIN_CLIENT 0x08       /* FIN from the client (forward entry) */
+#define LB_CT_F_FIN_BACKEND 0x10      /* FIN from the backend (forward entry) */
+
+/* Hairpin: a pod whose connection to its own service lands on itself would receive a packet
+ * from its own address, which Linux drops as martian. As kube-proxy masquerades such flows,
+ * lbctl rewrites their source to this link-local address (Cilium's choice too), host order. */
+#define LB_HAIRPIN_ADDR 0xa9fe2a01    /* 169.254.42.1 */
+
+/* Datapath-wide counters: index into the lb_global_stats per-CPU array. */
+#define LB_STAT_PASS_NOT_IP 0         /* not IPv4 (ARP, IPv6...): passed untouched */
+#define LB_STAT_PASS_MALFORMED 1      /* truncated or bad IP/L4 header: passed untouched */
+#define LB_STAT_PASS_FRAGMENT 2       /* IP fragment: passed untouched (no L4 ports to match) */
+#define LB_STAT_PASS_NO_SERVICE 3     /* IPv4 not for a service: passed untouched */
+#define LB_STAT_SVC_NEW_FLOW 4        /* backend chosen for a new flow */
+#define LB_STAT_SVC_CT_HIT 5          /* packet of a known flow */
+#define LB_STAT_SVC_RESELECT 6        /* known flow whose backend vanished: chosen again */
+#define LB_STAT_REVNAT 7              /* reply rewritten back to the VIP */
+#define LB_STAT_NO_BACKEND 8          /* service without endpoints: dropped (see README) */
+#define LB_STAT_CT_FULL 9             /* conntrack update failed */
+#define LB_STAT_NAT_FAILED 10         /* a rewrite helper failed: packet dropped */
+#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow: passed untouched, removed */
+#define LB_STAT_MAX 12
+
+/* lb4_services: frontends and their backend slots, Cilium's layout.
+ * Slot 0 is the frontend (VIP:port/proto) and holds `count`; slots 1..count hold backend ids. */
+struct lb4_service_key {
+	__be32 address;               /* service VIP */
+	__be16 dport;                 /* service port */
+	__u16 backend_slot;           /* 0 = frontend, 1..count = backends */
+	__u8 proto;                   /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 scope;                   /* LB_SCOPE_* */
+	__u8 pad[2];
+};
+
+struct lb4_service_value {
+	union {
+		__u32 backend_id;     /* slots 1..count: id into lb4_backends */
+		__u32 affinity_timeout; /* slot 0: sessionAffinity timeout, seconds */
+	};
+	__u16 count;                  /* slot 0: number of backend slots (0: no endpoints) */
+	__u16 flags;                  /* slot 0: LB_SVC_F_* */
+	__u32 service_id;             /* index into lb_service_stats; same in every slot */
+};
+
+/* lb4_backends: id -> endpoint address. Ids are small integers handed out by the control plane
+ * and recovered from this map when the agent restarts, so restarts do not move flows. */
+struct lb4_backend {
+	__be32 address;
+	__be16 port;
+	__u8 proto;
+	__u8 flags;
+};
+
+/* lb4_ct: connection tracking (LRU), two entries per flow. */
+struct lb4_ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;                     /* LB_CT_FORWARD / LB_CT_REPLY */
+	__u8 pad[2];
+};
+
+struct lb4_ct_value {
+	__be32 nat_address;           /* forward: backend; reply: VIP */
+	__be16 nat_port;              /* forward: backend port; reply: service port */
+	__u8 flags;                   /* LB_CT_F_* */
+	__u8 pad;
+	__u32 backend_id;             /* forward: the backend chosen (checked on every packet) */
+	__u32 service_id;
+	__u64 expires;                /* bpf_ktime_get_ns() deadline */
+	__u64 refreshed;              /* last time `expires` was written */
+};
+
+/* lb4_affinity: sessionAffinity ClientIP, as kube-proxy's `-m recent` / IPVS persistence: a
+ * client's new connections go to the backend its last one used, within the timeout. */
+struct lb4_affinity_key {
+	__be32 client;
+	__u32 service_id;
+};
+
+struct lb4_affinity_value {
+	__u32 backend_id;
+	__be32 address;               /* the backend's address and port, to notice a recycled id */
+	__be16 port;
+	__u8 pad[6];
+	__u64 last_used;              /* bpf_ktime_get_ns() of the last new connection */
+};
+
+/* lb_service_stats / lb_backend_stats: per-CPU counters, summed by `lbctl dump maps`. */
+struct lb_stats {
+	__u64 packets;
+	__u64 bytes;
+	__u64 flows;                  /* new flows (connections) */
+};
+
+#endif /* LBCTL_SHARED_H */

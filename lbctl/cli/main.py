@@ -1,0 +1,318 @@
+"""lbctl: the command line.
+
+  lbctl run --manifests DIR [--mode ebpf|iptables|nftables|ipvs]   the agent (foreground)
+  lbctl dump maps [--json]       what the datapath holds
+  lbctl trace SRC:P VIP:P/proto  which backend a packet goes to (reads the maps only)
+  lbctl cleanup                  remove everything lbctl created (every mode's objects)
+  lbctl lab up|down              a small cluster in network namespaces
+  lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
+  lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
+  lbctl bench --modes none,ebpf,iptables,nftables   the datapaths side by side, end to end
+  lbctl render iptables|nftables kube-proxy's rules for the same manifests
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from lbctl.datapath.ebpf import loader as ebpf
+
+log = logging.getLogger("lbctl")
+
+DEFAULT_MANIFESTS = "/etc/lbctl/manifests"
+
+
+def _datapath_args(p: argparse.ArgumentParser) -> None:
+    d = ebpf.DatapathConfig()
+    p.add_argument("--pin-dir", default=d.pin_dir, help="bpffs directory for the maps (%(default)s)")
+
+
+def datapath_config(args) -> ebpf.DatapathConfig:
+    devices = tuple(x for x in getattr(args, "devices", "").split(",") if x) or ebpf.DEFAULT_DEVICES
+    from lbctl.datapath.kubeproxy import proxier
+
+    return ebpf.DatapathConfig(
+        pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
+        services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
+        node_name=args.node_name or proxier.node_name())
+
+
+def kube_proxy_settings(args) -> dict:
+    """--node-name/--node-ip/--cluster-cidr/... as kube-proxy config fields; ValueError if bad."""
+    from lbctl.datapath.kubeproxy import proxier
+    from lbctl.cli import render as render_cmd
+
+    errors = render_cmd.flag_errors(args)
+    if errors:
+        raise ValueError("; ".join(errors))
+    node_ips = list(args.node_ip or [])
+    if not node_ips:
+        primary = proxier.primary_ipv4()
+        if primary is None:
+            raise ValueError("no default route to take the node IP from: give --node-ip")
+        node_ips = [primary]
+    return dict(node_name=args.node_name or proxier.node_name(), node_ips=tuple(node_ips),
+                cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
+                nodeport_addresses=render_cmd.nodeport_addresses(args))
+
+
+def build_mode(args):
+    """The datapath mode `lbctl run --mode` asks for (kube-proxy modes imported only when used)."""
+    if args.mode == "ebpf":
+        from lbctl.datapath.ebpf.mode import EbpfMode
+        return EbpfMode(datapath_config(args))
+    settings = kube_proxy_settings(args)
+    if args.mode in ("iptables", "nftables"):
+        from lbctl.datapath.kubeproxy import iptables_mode
+        from lbctl.datapath.kubeproxy import nftables_mode
+        from lbctl.datapath.kubeproxy.proxier import ProxierOptions
+
+        options = ProxierOptions(full_sync_every=args.full_sync_every, ebpf_pin_dir=args.pin_dir)
+        if args.mode == "iptables":
+            return iptables_mode.IptablesMode(iptables_mode.config_from(**settings), options)
+        return nftables_mode.NftablesMode(nftables_mode.config_from(**settings), options)
+    import dataclasses
+
+    from lbctl.datapath.kubeproxy import ipvs
+    known = {f.name for f in dataclasses.fields(ipvs.IpvsConfig)}
+    return ipvs.IpvsMode(ipvs.IpvsConfig(**{k: v for k, v in settings.items() if k in known}),
+                         ebpf_pin_dir=args.pin_dir)
+
+
+def cmd_run(args) -> int:
+    from lbctl.agent.loop import Agent, AgentOptions
+    from lbctl.sources.manifests import ManifestSource
+
+    try:
+        mode = build_mode(args)
+    except ValueError as exc:
+        log.error("lbctl run --mode %s: %s", args.mode, exc)
+        return 2
+    except ebpf.DatapathError as exc:
+        log.error("%s", exc)
+        return 1
+    agent = Agent(ManifestSource(args.manifests, interval=args.interval), mode=mode,
+                  options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.mode == "ebpf":
+        log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
+                 ",".join(mode.cfg.devices), mode.cfg.pin_dir)
+    else:
+        log.info("lbctl run --mode %s: manifests %s", args.mode, args.manifests)
+    try:
+        agent.run(stop, max_seconds=args.max_seconds)
+    except ebpf.DatapathError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def cmd_dump_maps(args) -> int:
+    from lbctl.datapath.ebpf import dump
+
+    try:
+        state = dump.collect(args.pin_dir)
+    except (FileNotFoundError, PermissionError) as exc:
+        print(f"lbctl dump maps: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(state, indent=2) if args.json else dump.format_table(state))
+    return 0
+
+
+def cmd_trace(args) -> int:
+    from lbctl.datapath.ebpf import dump
+
+    src, _, sport = args.source.rpartition(":")
+    dst, _, rest = args.destination.rpartition(":")
+    dport, _, proto = rest.partition("/")
+    try:
+        for line in dump.trace(args.pin_dir, src, int(sport), dst, int(dport), proto or "tcp"):
+            print(line)
+    except (ValueError, KeyError) as exc:
+        print(f"lbctl trace: {exc}: use SRC_IP:PORT DST_IP:PORT[/tcp|udp]", file=sys.stderr)
+        return 2
+    except FileNotFoundError as exc:
+        print(f"lbctl trace: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_cleanup(args) -> int:
+    """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
+    pinned maps, the agent's state file, the kube-proxy modes' rules (iptables chains and jump
+    rules, the nftables table, IPVS objects), and labs that `lbctl lab up` built."""
+    from lbctl.lab import cluster as lab
+    from lbctl.datapath.base import MODES, cleanup_mode
+
+    removed, failed = [], []
+    for name in MODES:
+        try:
+            removed += cleanup_mode(name, args.pin_dir)
+        except Exception as exc:  # noqa: BLE001 - report and go on with the other modes
+            failed.append(f"{name} mode: {exc}")
+    labs = []
+    if not args.keep_labs:
+        for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
+            prefix = path.name[len("lab-"):-len(".json")]
+            lab.lab_down(prefix)
+            labs.append(prefix)
+    for what in removed:
+        print(f"removed {what}")
+    for what in failed:
+        print(f"lbctl cleanup: {what}", file=sys.stderr)
+    print(f"removed {len(removed)} datapath object(s); labs removed: {', '.join(labs) or 'none'}")
+    return 1 if failed else 0
+
+
+def cmd_bench(args) -> int:
+    """`lbctl bench`: the tc program through BPF_PROG_TEST_RUN, or with --modes every datapath
+    end to end (lbctl.bench.modes)."""
+    if args.modes:
+        from lbctl.bench.modes import cmd_bench_modes
+        return cmd_bench_modes(args)
+    from lbctl.bench import prog as bench
+
+    args.services = args.services or "10,100000"
+    return bench.cmd_bench(args)
+
+
+def cmd_demo(args) -> int:
+    from lbctl.cli.demo import run_demo
+
+    return run_demo(requests=args.requests, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lbctl", description="eBPF replacement for kube-proxy")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = ebpf.DatapathConfig()
+    run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--manifests", default=DEFAULT_MANIFESTS,
+                     help="directory of Service/EndpointSlice/Endpoints YAML (%(default)s)")
+    run.add_argument("--mode", default="ebpf", choices=["ebpf", "iptables", "nftables", "ipvs"],
+                     help="datapath: ebpf (tc programs and BPF maps), or kube-proxy v1.32's "
+                          "iptables, nftables or ipvs mode (%(default)s)")
+    run.add_argument("--devices", default=",".join(ebpf.DEFAULT_DEVICES),
+                     help="ebpf: comma-separated link name patterns to attach to (%(default)s)")
+    _datapath_args(run)
+    kp = run.add_argument_group("kube-proxy modes (iptables, nftables, ipvs)")
+    kp.add_argument("--node-name", default=None, metavar="NAME",
+                    help="this node's name, for endpoint locality (internalTrafficPolicy, "
+                         "externalTrafficPolicy Local; all modes; default: the hostname)")
+    kp.add_argument("--node-ip", action="append", default=[], metavar="IP",
+                    help="a node address, the first is the primary (repeat for more; default: the "
+                         "source address of the default route)")
+    kp.add_argument("--cluster-cidr", default=None, metavar="CIDR[,CIDR]",
+                    help="pod CIDR(s): traffic from elsewhere to a cluster IP is masqueraded; "
+                         "without it nothing is, unless --masquerade-all")
+    kp.add_argument("--masquerade-all", action="store_true", help="SNAT all service traffic")
+    kp.add_argument("--nodeport-addresses", default="", metavar="CIDR[,CIDR...]",
+                    help='addresses that accept NodePorts, or "primary" (default: iptables every '
+                         'local address, nftables "primary")')
+    kp.add_argument("--full-sync-every", type=int, default=10, metavar="N",
+                    help="iptables/nftables: every Nth sync rewrites everything, the others only "
+                         "what changed (%(default)s)")
+    run.add_argument("--max-services", type=int, default=d.max_services,
+                     help="service ids, one per VIP:port/proto (%(default)s)")
+    run.add_argument("--max-backends", type=int, default=d.max_backends,
+                     help="backend ids, one per endpoint address:port/proto (%(default)s)")
+    run.add_argument("--services-map-size", type=int, default=d.services_map_size,
+                     help="frontends + backend slots (%(default)s)")
+    run.add_argument("--ct-size", type=int, default=d.ct_size,
+                     help="conntrack entries, two per flow (%(default)s)")
+    run.add_argument("--interval", type=float, default=1.0, help="seconds between manifest polls")
+    run.add_argument("--detach-on-exit", action="store_true",
+                     help="on exit detach programs and unpin maps (default: leave the datapath "
+                          "serving, so a restart moves no flow)")
+    run.add_argument("--max-seconds", type=float, default=None, help="exit after this long")
+    run.set_defaults(func=cmd_run)
+
+    dump_p = sub.add_parser("dump", help="show datapath state")
+    dump_sub = dump_p.add_subparsers(dest="what", required=True)
+    maps = dump_sub.add_parser("maps", help="services, backends and counters from the pinned maps")
+    maps.add_argument("--json", action="store_true")
+    _datapath_args(maps)
+    maps.set_defaults(func=cmd_dump_maps)
+
+    trace = sub.add_parser("trace", help="which backend a packet goes to (reads the maps only)")
+    trace.add_argument("source", help="client IP:port")
+    trace.add_argument("destination", help="service IP:port[/tcp|udp]")
+    _datapath_args(trace)
+    trace.set_defaults(func=cmd_trace)
+
+    cleanup = sub.add_parser("cleanup", help="remove everything lbctl created")
+    _datapath_args(cleanup)
+    cleanup.add_argument("--keep-labs", action="store_true", help="leave `lbctl lab` labs up")
+    cleanup.set_defaults(func=cmd_cleanup)
+
+    from lbctl.lab import cluster as lab
+    lab.register(sub)
+
+    demo = sub.add_parser("demo", help="lab + agent + traffic + dump, then teardown")
+    demo.add_argument("--keep", action="store_true", help="leave the lab and datapath up")
+    demo.add_argument("--requests", type=int, default=300, help="requests per service port")
+    demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench", help="ns/packet through BPF_PROG_TEST_RUN; with --modes, new TCP connections "
+                      "through each datapath (none, ebpf, iptables, nftables) side by side")
+    bench.add_argument("--services", default=None,
+                       help="comma-separated service counts (default 10,100000; with --modes "
+                            "10,1000,10000)")
+    bench.add_argument("--backends", type=int, default=2,
+                       help="backends per service (BPF_PROG_TEST_RUN bench)")
+    bench.add_argument("--repeat", type=int, default=200_000,
+                       help="runs per measured path (BPF_PROG_TEST_RUN bench)")
+    bench.add_argument("--new-flows", type=int, default=2000,
+                       help="new flows timed one by one (BPF_PROG_TEST_RUN bench)")
+    bench.add_argument("--plot", default=None, help="write a PNG plot here")
+    bench.add_argument("--json", action="store_true")
+    modes = bench.add_argument_group(
+        "datapaths side by side (--modes): a lab in network namespaces, the same services "
+        "programmed by each mode in turn, real connections from a client pod")
+    modes.add_argument("--modes", default=None, metavar="MODE[,MODE...]",
+                       help="compare these: none (no load balancer, the baseline), ebpf, "
+                            "iptables, nftables")
+    modes.add_argument("--connections", type=int, default=5000,
+                       help="connections per round, per mode and service count (%(default)s)")
+    modes.add_argument("--seconds", type=float, default=10.0,
+                       help="at most this long per round (%(default)s)")
+    modes.add_argument("--rounds", type=int, default=3,
+                       help="rounds per mode and service count; conn/s is the median (%(default)s)")
+    modes.add_argument("--workers", type=int, default=4,
+                       help="client processes, one connection in flight each (%(default)s)")
+    modes.add_argument("--sync-timeout", type=float, default=300.0,
+                       help="seconds one iptables-restore or nft transaction may take (%(default)s)")
+    bench.set_defaults(func=cmd_bench)
+
+    from lbctl.cli import render as render_cmd
+    render_cmd.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `lbctl dump maps | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

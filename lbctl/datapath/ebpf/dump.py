@@ -1,0 +1,215 @@
+"""`lbctl dump maps`: what the datapath holds, read from the pinned maps.
+
+Works from any process (the agent need not run, bcc is not needed): maps are opened by their
+pins. Service names come from the agent's state file; the maps themselves hold only numbers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf.bpfsys import BpfMap
+from lbctl.model.objects import Protocol
+
+STATE_DIR = "/run/lbctl"
+
+
+
+def state_file(pin_dir: str) -> str:
+    """Where the agent records service names for a pin dir."""
+    tag = pin_dir.strip("/").replace("/", "_")
+    return os.path.join(STATE_DIR, f"agent-{tag}.json")
+
+
+def write_names(pin_dir: str, names: dict[int, str]) -> None:
+    os.makedirs(STATE_DIR, exist_ok=True)
+    path = state_file(pin_dir)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"service_names": {str(k): v for k, v in sorted(names.items())}}, f)
+    os.replace(tmp, path)
+
+
+def remove_names(pin_dir: str) -> None:
+    try:
+        os.unlink(state_file(pin_dir))
+    except FileNotFoundError:
+        pass
+
+
+def read_names(pin_dir: str) -> dict[int, str]:
+    try:
+        with open(state_file(pin_dir)) as f:
+            return {int(k): v for k, v in json.load(f)["service_names"].items()}
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+@dataclass
+class BackendRow:
+    slot: int
+    id: int
+    address: str
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class ServiceRow:
+    id: int
+    name: str
+    frontend: str
+    count: int
+    affinity_timeout: int = 0       # sessionAffinity ClientIP (s); 0: none
+    flows: int = 0
+    packets: int = 0
+    bytes: int = 0
+    backends: list[BackendRow] = field(default_factory=list)
+
+
+def _sum_stats(values) -> tuple[int, int, int]:
+    packets = bytes_ = flows = 0
+    for raw in values or []:
+        s = shared.view("lb_stats", raw)
+        packets += s.packets
+        bytes_ += s.bytes
+        flows += s.flows
+    return packets, bytes_, flows
+
+
+def collect(pin_dir: str) -> dict:
+    """The whole datapath state as plain data (what --json prints)."""
+    path = lambda name: os.path.join(pin_dir, name)  # noqa: E731
+    if not os.path.exists(path("lb4_services")):
+        raise FileNotFoundError(f"no lbctl maps pinned under {pin_dir}: is `lbctl run` running "
+                                "(or has it run since boot)?")
+    names = read_names(pin_dir)
+    with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
+            BpfMap.open_pinned(path("lb4_backends")) as be_map, \
+            BpfMap.open_pinned(path("lb_service_stats")) as svc_stats, \
+            BpfMap.open_pinned(path("lb_backend_stats")) as be_stats, \
+            BpfMap.open_pinned(path("lb_global_stats")) as glob, \
+            BpfMap.open_pinned(path("lb4_ct")) as ct:
+        backends = {}
+        for key, value in be_map.items():
+            b = shared.view("lb4_backend", value)
+            backends[shared.parse_u32(key)] = (
+                f"{shared.from_be32(b.address)}:{shared.from_be16(b.port)}/"
+                f"{Protocol.from_number(b.proto).value}")
+        rows: dict[bytes, ServiceRow] = {}
+        slots: dict[bytes, list[tuple[int, int]]] = {}
+        for key, value in svc_map.items():
+            k = shared.view("lb4_service_key", key)
+            v = shared.view("lb4_service_value", value)
+            fe_key = shared.service_key(shared.from_be32(k.address), shared.from_be16(k.dport), k.proto)
+            if k.backend_slot == 0:
+                fe = (f"{shared.from_be32(k.address)}:{shared.from_be16(k.dport)}/"
+                      f"{Protocol.from_number(k.proto).value}")
+                affinity = v.affinity_timeout if v.flags & shared.const("LB_SVC_F_AFFINITY") else 0
+                row = ServiceRow(v.service_id, names.get(v.service_id, ""), fe, v.count, affinity)
+                row.packets, row.bytes, row.flows = _sum_stats(svc_stats.lookup(shared.u32(v.service_id)))
+                rows[fe_key] = row
+            else:
+                slots.setdefault(fe_key, []).append((k.backend_slot, v.backend_id))
+        for fe_key, row in rows.items():
+            for slot, backend_id in sorted(slots.get(fe_key, [])):
+                if slot > row.count:
+                    continue
+                b = BackendRow(slot, backend_id, backends.get(backend_id, "?"))
+                b.packets, b.bytes, b.flows = _sum_stats(be_stats.lookup(shared.u32(backend_id)))
+                row.backends.append(b)
+        counters = {}
+        for index, name in enumerate(shared.stat_names()):
+            values = glob.lookup(shared.u32(index)) or []
+            counters[name] = sum(int.from_bytes(v[:8], "little") for v in values)
+        ct_entries = sum(1 for _ in ct.keys())
+    services = sorted(rows.values(), key=lambda r: (r.name or "~", r.frontend))
+    return {
+        "pin_dir": pin_dir,
+        "services": [asdict(s) for s in services],
+        "backends": len(backends),
+        "conntrack_entries": ct_entries,
+        "counters": counters,
+    }
+
+
+def format_table(state: dict) -> str:
+    """A listing in the spirit of `cilium-dbg bpf lb list` and `ipvsadm -Ln`."""
+    lines = []
+    header = f"{'SERVICE':<28} {'ID':>5} {'FRONTEND / BACKEND':<26} {'SLOT':>4} {'FLOWS':>8} {'PACKETS':>9} {'BYTES':>11}"
+    lines.append(header)
+    for s in state["services"]:
+        label = s["name"] or "-"
+        note = "" if s["count"] else "  (no endpoints: reject)"
+        if s["affinity_timeout"]:
+            note += f"  (affinity ClientIP {s['affinity_timeout']}s)"
+        lines.append(f"{label:<28} {s['id']:>5} {s['frontend']:<26} {0:>4} {s['flows']:>8} "
+                     f"{s['packets']:>9} {s['bytes']:>11}{note}")
+        for b in s["backends"]:
+            lines.append(f"{'':<28} {b['id']:>5}   -> {b['address']:<21} {b['slot']:>4} "
+                         f"{b['flows']:>8} {b['packets']:>9} {b['bytes']:>11}")
+    lines.append("")
+    lines.append(f"{len(state['services'])} service(s), {state['backends']} backend(s), "
+                 f"{state['conntrack_entries']} conntrack entries (2 per flow) in {state['pin_dir']}")
+    counters = "  ".join(f"{k}={v}" for k, v in state["counters"].items() if v)
+    lines.append(f"datapath counters: {counters or '(all zero)'}")
+    return "\n".join(lines)
+
+
+def trace(pin_dir: str, src: str, sport: int, dst: str, dport: int, proto: str) -> list[str]:
+    """Where the datapath would send one packet, read from the maps without touching them:
+    the frontend it hits, the flow's conntrack entry, the client's affinity, else the slots
+    a new flow picks from uniformly."""
+    number = Protocol(proto.upper()).number
+    path = lambda name: os.path.join(pin_dir, name)  # noqa: E731
+    lines = [f"packet {src}:{sport} -> {dst}:{dport}/{proto.upper()}"]
+    with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
+            BpfMap.open_pinned(path("lb4_backends")) as be_map, \
+            BpfMap.open_pinned(path("lb4_ct")) as ct_map, \
+            BpfMap.open_pinned(path("lb4_affinity")) as aff_map:
+        def backend(backend_id: int) -> str:
+            raw = be_map.lookup(shared.u32(backend_id))
+            if raw is None:
+                return f"backend {backend_id} (gone)"
+            b = shared.view("lb4_backend", raw)
+            state = " draining" if b.flags & shared.const("LB_BACKEND_F_DRAINING") else ""
+            return f"backend {backend_id} {shared.from_be32(b.address)}:{shared.from_be16(b.port)}{state}"
+
+        value = svc_map.lookup(shared.service_key(dst, dport, number))
+        if value is None:
+            reply = ct_map.lookup(shared.new(
+                "lb4_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
+                dport=shared.be16(dport), proto=number, dir=shared.const("LB_CT_REPLY")))
+            if reply is None:
+                return lines + ["no service at this address: passed untouched"]
+            r = shared.view("lb4_ct_value", reply)
+            return lines + [f"reply of a tracked flow: source rewritten to "
+                            f"{shared.from_be32(r.nat_address)}:{shared.from_be16(r.nat_port)}"]
+        fe = shared.view("lb4_service_value", value)
+        names = read_names(pin_dir)
+        lines.append(f"service {names.get(fe.service_id, '?')} (id {fe.service_id}), {fe.count} backend slot(s)")
+        if fe.count == 0:
+            return lines + [f"no endpoints: {'TCP RST' if number == 6 else 'ICMP port unreachable'}"]
+        ct = ct_map.lookup(shared.new(
+            "lb4_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
+            dport=shared.be16(dport), proto=number, dir=shared.const("LB_CT_FORWARD")))
+        if ct is not None:
+            c = shared.view("lb4_ct_value", ct)
+            lines.append(f"tracked flow -> {backend(c.backend_id)} (kept while that backend exists)")
+            return lines
+        if fe.flags & shared.const("LB_SVC_F_AFFINITY"):
+            aff = aff_map.lookup(shared.new("lb4_affinity_key", client=shared.be32(src),
+                                            service_id=fe.service_id))
+            if aff is not None:
+                a = shared.view("lb4_affinity_value", aff)
+                lines.append(f"client affinity (timeout {fe.affinity_timeout}s) -> {backend(a.backend_id)}, "
+                             "if still within the timeout")
+        lines.append("new flow: one of, uniformly at random:")
+        for slot in range(1, fe.count + 1):
+            s = svc_map.lookup(shared.service_key(dst, dport, number, slot))
+            if s is not None:
+                lines.append(f"  slot {slot}: {backend(shared.view('lb4_service_value', s).backend_id)}")
+    return lines

@@ -1,0 +1,270 @@
+"""The eBPF datapath: compile and load bpf/prog/lbctl_tc.c with bcc, pin its maps, attach it.
+
+Kernel objects lbctl creates, and nothing else:
+  - maps pinned under ``pin_dir`` (default /sys/fs/bpf/lbctl), reused across restarts;
+  - one tc filter (bpf, direct-action, pref ``TC_PRIO`` handle ``TC_HANDLE``, named
+    ``TC_NAME``) at clsact ingress of every matching link, and the clsact qdisc when no
+    other filter remains on it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import platform
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
+from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
+from lbctl.datapath.ebpf.bpfsys import BpfMap, map_info, obj_get
+
+log = logging.getLogger(__name__)
+
+BPFFS = "/sys/fs/bpf"
+# The interfaces pod traffic enters the node by: host side of pod veths as kind (kindnet),
+# flannel and the bridge/ptp plugins name them (veth*), Calico (cali*), Cilium (lxc*),
+# Weave (vethwe*), Antrea (antrea-*/*-<hash>: use --devices).
+DEFAULT_DEVICES = ("veth*", "cali*", "lxc*")
+
+TC_PRIO = 27            # tc filter preference ("pref 27")
+TC_HANDLE = 0x1BC       # tc filter handle
+TC_NAME = "lbctl_tc"    # shown by `tc filter show`; how cleanup recognises our filters
+TC_INGRESS = 0xFFFFFFF2  # clsact ingress parent (ffff:fff2)
+TC_EGRESS = 0xFFFFFFF3
+ETH_P_ALL = 0x0003
+
+PROGRAMS = {"ingress": "lb_tc_ingress", "egress": "lb_tc_egress"}
+MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_stats",
+        "lb_backend_stats", "lb_global_stats")
+
+
+@dataclass(frozen=True)
+class DatapathConfig:
+    """Map sizes (see README, "Sizing") and where the maps are pinned."""
+
+    pin_dir: str = DEFAULT_PIN_DIR
+    max_services: int = 65536          # service ids, i.e. frontends (VIP:port/proto)
+    max_backends: int = 65536          # backend ids (distinct endpoint addresses)
+    services_map_size: int = 131072    # frontends + backend slots
+    ct_size: int = 262144              # conntrack entries, two per flow
+    affinity_size: int = 65536         # sessionAffinity entries (client, service)
+    devices: tuple[str, ...] = DEFAULT_DEVICES
+    node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{shared.BPF_DIR}",
+            f"-I{shared.BPF_DIR / 'include'}",
+            f'-DLB_PIN_DIR="{self.pin_dir}"',
+            f"-DLB_SERVICE_IDS={self.max_services}",
+            f"-DLB_BACKENDS_MAP_SIZE={self.max_backends}",
+            f"-DLB_SERVICES_MAP_SIZE={self.services_map_size}",
+            f"-DLB_CT_MAP_SIZE={self.ct_size}",
+            f"-DLB_AFFINITY_MAP_SIZE={self.affinity_size}",
+            "-Wno-unused-function",
+        ]
+
+    @property
+    def tc_name(self) -> str:
+        """The tc filter name: "lbctl_tc", or "lbctl_tc:<pin dir>" for another instance
+        (tests, bench), so that each cleans up only its own filters."""
+        if self.pin_dir == DEFAULT_PIN_DIR:
+            return TC_NAME
+        return f"{TC_NAME}:{os.path.basename(self.pin_dir.rstrip('/'))}"
+
+    def expected_maps(self) -> dict[str, tuple[int, int, int, int]]:
+        """name -> (map type, key size, value size, max entries), to check pins left by an
+        earlier run."""
+        s = shared.sizeof
+        return {
+            "lb4_services": (MAP_HASH, s("lb4_service_key"), s("lb4_service_value"), self.services_map_size),
+            "lb4_backends": (MAP_HASH, 4, s("lb4_backend"), self.max_backends),
+            "lb4_ct": (MAP_LRU_HASH, s("lb4_ct_key"), s("lb4_ct_value"), self.ct_size),
+            "lb4_affinity": (MAP_LRU_HASH, s("lb4_affinity_key"), s("lb4_affinity_value"), self.affinity_size),
+            "lb_service_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_services),
+            "lb_backend_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_backends),
+            "lb_global_stats": (MAP_PERCPU_ARRAY, 4, 8, shared.const("LB_STAT_MAX")),
+        }
+
+
+def matches(ifname: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(ifname, p) for p in patterns)
+
+
+def ensure_bpffs() -> None:
+    """Mounts bpffs at /sys/fs/bpf if nothing is mounted there (as Cilium's agent does)."""
+    with open("/proc/mounts") as mounts:
+        if any(line.split()[1] == BPFFS and line.split()[2] == "bpf" for line in mounts):
+            return
+    os.makedirs(BPFFS, exist_ok=True)
+    ret = os.system(f"mount -t bpf bpf {BPFFS}")
+    if ret != 0:
+        raise DatapathError(f"cannot mount bpffs at {BPFFS}: run `mount -t bpf bpf {BPFFS}` as root")
+
+
+def check_kernel_headers() -> None:
+    build = Path("/lib/modules") / platform.release() / "build"
+    if not (build / "include").is_dir():
+        raise DatapathError(
+            f"bcc needs kernel headers at {build} and there are none: run `make setup`, which "
+            "installs Debian's linux-headers-amd64 and links its -amd64 tree as build/ and its "
+            "-common tree as source/ (see README, \"Set-up\")")
+
+
+def check_pins(cfg: DatapathConfig) -> None:
+    """Refuses to reuse pinned maps whose layout or size differs from this configuration."""
+    for name, want in cfg.expected_maps().items():
+        path = os.path.join(cfg.pin_dir, name)
+        if not os.path.exists(path):
+            continue
+        fd = obj_get(path)
+        try:
+            info = map_info(fd)
+        finally:
+            os.close(fd)
+        have = (info.type, info.key_size, info.value_size, info.max_entries)
+        if have != want:
+            raise DatapathError(
+                f"pinned map {path} has type/key/value/entries {'/'.join(map(str, have))}, this "
+                f"configuration wants {'/'.join(map(str, want))}: run `lbctl cleanup` (forgets "
+                "established flows) or start with the old sizes")
+
+
+class EbpfDatapath:
+    """The loaded program and its maps. `load()` first; `close()` releases file descriptors
+    (pinned maps and attached filters stay; see `detach_all` and `cleanup`)."""
+
+    def __init__(self, cfg: DatapathConfig = DatapathConfig()):
+        self.cfg = cfg
+        self.bpf = None
+        self.prog_fd = -1          # ingress program (the one BPF_PROG_TEST_RUN tests drive)
+        self.egress_fd = -1
+        self.maps: dict[str, BpfMap] = {}
+
+    def load(self) -> "EbpfDatapath":
+        ensure_bpffs()
+        check_kernel_headers()
+        os.makedirs(self.cfg.pin_dir, exist_ok=True)
+        check_pins(self.cfg)
+        from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
+
+        src = shared.BPF_DIR / "prog" / "lbctl_tc.c"
+        try:
+            self.bpf = BPF(src_file=str(src).encode(), cflags=self.cfg.cflags())
+            self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
+            self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
+        except Exception as exc:
+            raise DatapathError(f"compiling/loading {src} failed: {exc}") from exc
+        for name in MAPS:
+            self.maps[name] = BpfMap.open_pinned(os.path.join(self.cfg.pin_dir, name))
+        return self
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.close()
+        self.maps.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+            self.prog_fd = self.egress_fd = -1
+
+    def __enter__(self):
+        return self.load()
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --- attaching ---------------------------------------------------------------------------------
+
+def _filters(ipr, index: int, parent: int) -> list:
+    try:
+        return list(ipr.get_filters(index, parent=parent))
+    except Exception:  # no clsact on this link (or the link is gone)
+        return []
+
+
+def _ours(f, tc_name: str) -> bool:
+    opts = f.get_attr("TCA_OPTIONS")
+    name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
+    return f.get_attr("TCA_KIND") == "bpf" and name == tc_name and f["info"] >> 16 == TC_PRIO
+
+
+def _our_filters(ipr, index: int, tc_name: str) -> list[tuple[int, object]]:
+    """(parent, filter) for each of our filters on a link, at ingress and egress."""
+    return [(parent, f) for parent in (TC_INGRESS, TC_EGRESS)
+            for f in _filters(ipr, index, parent) if _ours(f, tc_name)]
+
+
+def is_attached(ipr, index: int, tc_name: str = TC_NAME) -> bool:
+    """Both our filters (ingress and egress) are on the link."""
+    return {parent for parent, _ in _our_filters(ipr, index, tc_name)} == {TC_INGRESS, TC_EGRESS}
+
+
+def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME) -> None:
+    """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
+    Ingress sees requests from the pod and replies of local backends; egress sees replies that
+    reach the pod from elsewhere (a backend on another node, via the uplink)."""
+    try:
+        ipr.tc("add", "clsact", index)
+    except Exception as exc:  # EEXIST: clsact already there (ours or another tool's)
+        if getattr(exc, "code", None) != 17:
+            raise
+    for parent, fd in ((TC_INGRESS, prog_fd), (TC_EGRESS, egress_fd)):
+        ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fd, name=tc_name,
+               parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
+
+
+def detach(ipr, index: int, tc_name: str = TC_NAME) -> bool:
+    """Removes our filters from one link, and clsact if no other filter is left on it."""
+    removed = False
+    for parent, _ in _our_filters(ipr, index, tc_name):
+        try:
+            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
+                   protocol=ETH_P_ALL)
+            removed = True
+        except Exception as exc:
+            if getattr(exc, "code", None) not in (2, 19):  # ENOENT, ENODEV: already gone
+                raise
+    if removed and not any(f["handle"] for parent in (TC_INGRESS, TC_EGRESS)
+                           for f in _filters(ipr, index, parent)):
+        try:
+            ipr.tc("del", "clsact", index)
+        except Exception:  # noqa: BLE001 - already gone with its link
+            pass
+    return removed
+
+
+def attached_links(ipr, tc_name: str = TC_NAME) -> list[tuple[int, str]]:
+    """(index, name) of every link carrying our filter."""
+    return [(link["index"], link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()
+            if _our_filters(ipr, link["index"], tc_name)]
+
+
+def detach_all(tc_name: str = TC_NAME) -> list[str]:
+    from pyroute2 import IPRoute
+
+    names = []
+    with IPRoute() as ipr:
+        for index, name in attached_links(ipr, tc_name):
+            if detach(ipr, index, tc_name):
+                names.append(name)
+    return names
+
+
+def remove_pins(pin_dir: str = DEFAULT_PIN_DIR) -> list[str]:
+    """Unpins our maps (the kernel frees them once no program uses them)."""
+    removed = []
+    if os.path.isdir(pin_dir):
+        for name in sorted(os.listdir(pin_dir)):
+            if name in MAPS:
+                os.unlink(os.path.join(pin_dir, name))
+                removed.append(name)
+        if not os.listdir(pin_dir):
+            os.rmdir(pin_dir)
+    return removed

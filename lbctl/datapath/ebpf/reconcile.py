@@ -1,0 +1,287 @@
+"""Desired state -> map contents: diff against what the maps hold, write in a safe order.
+
+The reconciler keeps a mirror of what it believes the maps hold, restored from the maps
+themselves at start (so a restarted agent keeps the same service and backend ids and moves no
+flow) and after any failed write (a full resync, as kube-proxy falls back to). Writes follow
+Cilium's order, in which a packet never sees a half-made service:
+
+  1. removed services: the frontend first (no new packet selects it), then its slots; first,
+     so that what they free (map room, ids) serves the additions;
+  2. new backends (lb4_backends), so every id a slot will name exists;
+  3. per changed service: backend slots 1..n, then the frontend (slot 0, holding the count)
+     last, then slots beyond the new count;
+  4. backends no longer named by any slot.
+
+A service that cannot be programmed (no free id, too many endpoints) is reported in the result
+and skipped; the others are programmed. A failed map write aborts the sync: the next one
+re-reads the maps first.
+
+(Before all that, slots left beyond a frontend's count by an interrupted sync are dropped.)
+
+Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`` or
+``lbctl.testing.fakemap.FakeMap``), so this whole module is tested without root.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from lbctl.datapath.base import SyncResult
+from lbctl.datapath.ebpf import shared
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol, ServiceEntry
+
+log = logging.getLogger(__name__)
+
+SERVICES, BACKENDS = "lb4_services", "lb4_backends"
+SERVICE_STATS, BACKEND_STATS = "lb_service_stats", "lb_backend_stats"
+AFFINITY = "lb4_affinity"
+F_CLUSTERIP = shared.const("LB_SVC_F_CLUSTERIP")
+F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
+F_DROP = shared.const("LB_SVC_F_DROP")
+F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
+MAX_SLOTS = 0xFFFF   # lb4_service_value.count and lb4_service_key.backend_slot are u16
+
+
+@dataclass(frozen=True)
+class ProgrammedService:
+    frontend: Frontend
+    service_id: int
+    backend_ids: tuple[int, ...]   # slot i+1 holds backend_ids[i]
+    affinity_timeout: int = 0
+    flags: int = F_CLUSTERIP
+
+
+class IdAllocator:
+    """Smallest free id in 1..limit-1 (0 means "none" in the maps)."""
+
+    def __init__(self, limit: int, name: str):
+        self.limit = limit
+        self.name = name
+        self.used: set[int] = set()
+        self._next = 1
+
+    def take(self, value: int) -> None:
+        self.used.add(value)
+
+    def allocate(self) -> int:
+        for _ in range(self.limit):
+            candidate = self._next
+            self._next = self._next + 1 if self._next + 1 < self.limit else 1
+            if candidate not in self.used:
+                self.used.add(candidate)
+                return candidate
+        raise OSError(28, f"no free {self.name} id: all {self.limit - 1} in use (raise the map size)")
+
+    def release(self, value: int) -> None:
+        self.used.discard(value)
+
+
+def _order(f: Frontend | Backend) -> tuple:
+    return f.address, f.port, f.protocol.value
+
+
+def _frontend_key(f: Frontend, slot: int = 0) -> bytes:
+    return shared.service_key(f.address, f.port, f.protocol.number, slot)
+
+
+class Reconciler:
+    def __init__(self, maps: dict, max_services: int, max_backends: int):
+        self.maps = maps
+        self.max_services = max_services
+        self.max_backends = max_backends
+        self.restore()
+
+    # --- state recovered from the maps ----------------------------------------------------------
+
+    def restore(self) -> None:
+        """Rebuilds the mirror from the maps: what a restarted agent finds is what it keeps."""
+        self.backend_ids: dict[Backend, int] = {}
+        self.backend_flags: dict[int, int] = {}
+        self.service_ids = IdAllocator(self.max_services, "service")
+        self.backend_alloc = IdAllocator(self.max_backends, "backend")
+        self.services: dict[Frontend, ProgrammedService] = {}
+        for key, value in self.maps[BACKENDS].items():
+            b = shared.view("lb4_backend", value)
+            backend_id = shared.parse_u32(key)
+            backend = Backend(shared.from_be32(b.address), shared.from_be16(b.port),
+                              Protocol.from_number(b.proto))
+            self.backend_ids[backend] = backend_id
+            self.backend_flags[backend_id] = b.flags
+            self.backend_alloc.take(backend_id)
+        frontends: dict[Frontend, tuple[int, int, int]] = {}
+        slots: dict[Frontend, dict[int, int]] = {}
+        for key, value in self.maps[SERVICES].items():
+            k = shared.view("lb4_service_key", key)
+            v = shared.view("lb4_service_value", value)
+            fe = Frontend(shared.from_be32(k.address), shared.from_be16(k.dport),
+                          Protocol.from_number(k.proto))
+            if k.backend_slot == 0:
+                affinity = v.affinity_timeout if v.flags & F_AFFINITY else 0
+                frontends[fe] = (v.service_id, v.count, affinity, v.flags)
+            else:
+                slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
+        for fe, (service_id, count, affinity, flags) in frontends.items():
+            have = slots.get(fe, {})
+            ids = tuple(have.get(i, 0) for i in range(1, count + 1))
+            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity, flags)
+            self.service_ids.take(service_id)
+        # Slots beyond a frontend's count, or without a frontend, are leftovers of an
+        # interrupted sync: remember them so the next sync deletes them.
+        self._stale_slots = [
+            (fe, slot) for fe, have in slots.items() for slot in have
+            if slot > len(self.services.get(fe, ProgrammedService(fe, 0, ())).backend_ids)
+        ]
+        if AFFINITY in self.maps:   # left by a sync that failed before it could drop them
+            in_use = {p.service_id for p in self.services.values()}
+            self._forget_affinity({shared.view("lb4_affinity_key", k).service_id
+                                   for k, _ in self.maps[AFFINITY].items()} - in_use)
+        self.dirty = False
+
+    # --- the sync ----------------------------------------------------------------------------------
+
+    def sync(self, desired: DesiredState) -> SyncResult:
+        """Makes the maps hold `desired`. Any failure leaves the maps valid (never a
+        half-made service) and makes the next sync start from a fresh read of the maps."""
+        if self.dirty:
+            log.warning("previous sync failed: re-reading the maps for a full resync")
+            self.restore()
+        result = SyncResult()
+        try:
+            self._sync(desired, result)
+        except OSError as exc:
+            self.dirty = True
+            result.errors.append(str(exc))
+            log.error("sync failed, will resync from the maps: %s", exc)
+        return result
+
+    def _sync(self, desired: DesiredState, result: SyncResult) -> None:
+        services, backends = self.maps[SERVICES], self.maps[BACKENDS]
+
+        # 0. slots no frontend counts (an interrupted sync): unreachable, so safe to drop first
+        for fe, slot in self._stale_slots:
+            services.delete(_frontend_key(fe, slot))
+        self._stale_slots = []
+
+        # 1. services no longer wanted, first, so that what they free (map room, ids) serves
+        #    the additions below: frontend first (no new packet selects it), then its slots
+        released = []
+        for fe in sorted(self.services.keys() - desired.services.keys(), key=_order):
+            old = self.services[fe]
+            services.delete(_frontend_key(fe, 0))
+            for slot in range(1, len(old.backend_ids) + 1):
+                services.delete(_frontend_key(fe, slot))
+            del self.services[fe]
+            self.service_ids.release(old.service_id)
+            released.append(old.service_id)
+            result.removed += 1
+        self._forget_affinity(set(released))
+
+        # 2. backends the desired services need; a service whose backends cannot all get an id
+        #    (the backend map is full) is left as it is, and said so
+        new_backends = []
+        for backend in sorted(desired.backends - self.backend_ids.keys(), key=_order):
+            try:
+                new_backends.append((backend, self.backend_alloc.allocate()))
+            except OSError as exc:
+                result.errors.append(str(exc))
+                break
+        self._zero(BACKEND_STATS, [i for _, i in new_backends])
+        backends.update_batch([(shared.u32(i), shared.backend_value(b.address, b.port, b.protocol.number))
+                               for b, i in new_backends])
+        for backend, backend_id in new_backends:
+            self.backend_ids[backend] = backend_id
+            self.backend_flags[backend_id] = 0
+        result.backends_added += len(new_backends)
+
+        # 3. new and changed services: all their slots, then their frontends, then surplus
+        #    slots (batched per step, so each frontend is still written after its own slots)
+        slot_writes, frontend_writes, surplus, new_ids = [], [], [], []
+        for fe in sorted(desired.services, key=_order):
+            entry = desired.services[fe]
+            flags = (F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
+                     | (F_DROP if entry.drop_without_backends else 0))
+            old = self.services.get(fe)
+            missing = [b for b in entry.backends if b not in self.backend_ids]
+            if missing or len(entry.backends) > MAX_SLOTS:
+                why = (f"{len(missing)} backend(s) got no id" if missing
+                       else f"{len(entry.backends)} endpoints, the datapath takes {MAX_SLOTS}")
+                result.errors.append(f"{entry.name} ({fe}): {why}; "
+                                     f"{'left as it was' if old else 'not programmed'}")
+                continue
+            ids = tuple(self.backend_ids[b] for b in entry.backends)
+            if old is not None and (old.backend_ids, old.affinity_timeout, old.flags) == (
+                    ids, entry.affinity_timeout, flags):
+                continue
+            if old is None:
+                try:
+                    service_id = self.service_ids.allocate()
+                except OSError as exc:
+                    result.errors.append(f"{entry.name} ({fe}): {exc}; not programmed")
+                    continue
+                new_ids.append(service_id)
+                result.added += 1
+            else:
+                service_id = old.service_id
+                result.updated += 1
+            old_ids = old.backend_ids if old else ()
+            for slot, backend_id in enumerate(ids, start=1):
+                if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
+                    slot_writes.append((_frontend_key(fe, slot),
+                                        shared.service_value(backend_id=backend_id, service_id=service_id)))
+            frontend_writes.append((_frontend_key(fe, 0),
+                                    shared.service_value(count=len(ids), service_id=service_id, flags=flags,
+                                                         affinity_timeout=entry.affinity_timeout)))
+            surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
+            self.services[fe] = ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags)
+        self._zero(SERVICE_STATS, new_ids)
+        services.update_batch(slot_writes)
+        services.update_batch(frontend_writes)
+        for key in surplus:
+            services.delete(key)
+
+        # 4. backends: those in no slot but still draining established flows are flagged (no
+        #    new flow, no affinity); the rest no slot names any more are deleted (their flows
+        #    choose again)
+        in_slots = {i for s in self.services.values() for i in s.backend_ids}
+        draining = {self.backend_ids[b] for e in desired.services.values() for b in e.draining
+                    if b in self.backend_ids} - in_slots
+        for backend, backend_id in sorted(self.backend_ids.items(), key=lambda kv: kv[1]):
+            if backend_id not in in_slots and backend_id not in draining:
+                backends.delete(shared.u32(backend_id))
+                del self.backend_ids[backend]
+                self.backend_flags.pop(backend_id, None)
+                self.backend_alloc.release(backend_id)
+                result.backends_removed += 1
+                continue
+            flags = F_DRAINING if backend_id in draining else 0
+            if self.backend_flags.get(backend_id) != flags:
+                backends.update(shared.u32(backend_id), shared.backend_value(
+                    backend.address, backend.port, backend.protocol.number, flags))
+                self.backend_flags[backend_id] = flags
+
+    def _forget_affinity(self, service_ids: set[int]) -> None:
+        """Drops affinity entries of service ids no frontend uses: the id may serve another
+        service next, whose clients must not inherit them."""
+        if not service_ids or AFFINITY not in self.maps:
+            return
+        for key, _ in list(self.maps[AFFINITY].items()):
+            if shared.view("lb4_affinity_key", key).service_id in service_ids:
+                self.maps[AFFINITY].delete(key)
+
+    def _zero(self, stats_map: str, indexes: list[int]) -> None:
+        """Counters of a newly allocated id start at zero (the id may have served before)."""
+        if stats_map in self.maps and indexes:
+            zero = shared.new("lb_stats")
+            self.maps[stats_map].update_batch([(shared.u32(i), zero) for i in indexes])
+
+    # --- for dumps ----------------------------------------------------------------------------------
+
+    def service_names(self, desired: DesiredState) -> dict[int, str]:
+        """service id -> "ns/name:port", for `lbctl dump maps`."""
+        return {self.services[fe].service_id: entry.name
+                for fe, entry in desired.services.items() if fe in self.services}
+
+
+def entry(name: str, frontend: Frontend, *backends: Backend) -> ServiceEntry:
+    """Shorthand used by tests and the bench."""
+    return ServiceEntry(frontend, name, tuple(sorted(backends)))

@@ -1,0 +1,190 @@
+"""From a cluster snapshot to what the datapath should hold. Pure functions, no kernel.
+
+Two steps, as in kube-proxy: ``service_ports`` joins every service port with its endpoints
+(what every datapath mode consumes), and ``desired_state`` turns those into the frontends and
+backends of the eBPF datapath. Both are deterministic: the same snapshot always gives the same
+result, whatever order the objects came in, so a sync can compare desired against actual.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+from typing import Iterable, Sequence
+
+from lbctl.model.objects import (
+    Backend,
+    ClusterSnapshot,
+    DesiredState,
+    EndpointInfo,
+    EndpointSlice,
+    Frontend,
+    Problem,
+    Protocol,
+    Service,
+    ServiceEntry,
+    ServicePort,
+    ServicePortInfo,
+)
+
+
+def service_ports(snapshot: ClusterSnapshot) -> tuple[ServicePortInfo, ...]:
+    """One ``ServicePortInfo`` per port of every service, ordered by service key, then port.
+
+    Endpoints come from the service's slices of its IP family, from the slice port with the same
+    name and protocol as the service port (kube-proxy matches by name, since the number behind a
+    named targetPort can differ per pod). An endpoint listed twice (two slices, or an Endpoints
+    object mirrored next to its slices) counts once, its most usable copy kept.
+    """
+    infos = []
+    for key in sorted(snapshot.services):
+        service = snapshot.services[key]
+        family = _endpoint_family(service)
+        slices = [s for s in snapshot.slices.get(key, ()) if s.address_type == family]
+        for port in sorted(service.ports, key=_port_order):
+            infos.append(ServicePortInfo(service, port, _endpoints_for(port, slices)))
+    return tuple(infos)
+
+
+def desired_state(ports: Iterable[ServicePortInfo],
+                  node_name: str | None = None) -> tuple[DesiredState, tuple[Problem, ...]]:
+    """The eBPF datapath's frontends: one ``ServiceEntry`` per IPv4 cluster IP, port and protocol.
+
+    ``backends`` take new flows; ``draining`` lists the other TCP endpoints still in the slices,
+    whose established flows the datapath lets finish.
+
+    Headless and ExternalName services have nothing to proxy and are passed over silently.
+    SCTP and IPv6 are not handled by the datapath yet: one Problem per service port. When two
+    services claim the same frontend the first by service key keeps it, so the outcome does not
+    depend on input order.
+
+    ``internalTrafficPolicy: Local`` keeps only endpoints on ``node_name`` (this node); without
+    any, the frontend drops instead of rejecting, as kube-proxy does.
+    """
+    entries: dict[Frontend, ServiceEntry] = {}
+    problems: list[Problem] = []
+    for info in sorted(ports, key=_info_order):
+        service, port = info.service, info.port
+        if service.type == "ExternalName" or not service.cluster_ips:
+            continue
+        obj = f"Service {service.key}"
+        if port.protocol is Protocol.SCTP:
+            problems.append(Problem(obj, f"port {_describe(port)}: SCTP is not supported by the "
+                                         f"eBPF datapath yet; skipped"))
+            continue
+        ipv6 = [ip for ip in service.cluster_ips if not _is_ipv4(ip)]
+        if ipv6:
+            problems.append(Problem(obj, f"port {_describe(port)} on {', '.join(ipv6)}: IPv6 is not "
+                                         f"supported by the eBPF datapath yet; skipped"))
+        local_only = service.internal_traffic_policy == "Local"
+        if local_only:
+            info = dataclasses.replace(info, endpoints=tuple(
+                e for e in info.endpoints if node_name is not None and e.node_name == node_name))
+        backends = _backends(info)
+        draining = _draining(info, backends)
+        for ip in service.cluster_ips:
+            if not _is_ipv4(ip):
+                continue
+            frontend = Frontend(ip, port.port, port.protocol)
+            owner = entries.get(frontend)
+            if owner is not None:
+                problems.append(Problem(obj, f"port {_describe(port)}: frontend {frontend} already "
+                                             f"belongs to {owner.name}; skipped, {owner.name} keeps it"))
+                continue
+            affinity = (service.session_affinity_timeout
+                        if service.session_affinity == "ClientIP" else 0)
+            entries[frontend] = ServiceEntry(frontend=frontend, name=info.name, backends=backends,
+                                             draining=draining, affinity_timeout=affinity,
+                                             drop_without_backends=local_only)
+    return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
+
+
+# --- endpoints -------------------------------------------------------------------------------
+
+
+def _endpoint_family(service: Service) -> str:
+    """The slice addressType whose endpoints serve this service.
+
+    lbctl proxies IPv4: a dual-stack service gets its IPv4 endpoints. An IPv6-only service
+    gets its IPv6 endpoints so that it is described truthfully; desired_state reports it.
+    """
+    if service.cluster_ips and not any(_is_ipv4(ip) for ip in service.cluster_ips):
+        return "IPv6"
+    return "IPv4"
+
+
+def _endpoints_for(port: ServicePort, slices: Sequence[EndpointSlice]) -> tuple[EndpointInfo, ...]:
+    """Endpoints of one service port, deduplicated by (address, port), sorted."""
+    best: dict[tuple[str, int], EndpointInfo] = {}
+    for eps in slices:
+        for slice_port in eps.ports:
+            if slice_port.name != port.name or slice_port.protocol != port.protocol:
+                continue
+            for endpoint in eps.endpoints:
+                if not endpoint.addresses:
+                    continue
+                info = EndpointInfo(
+                    address=endpoint.addresses[0],   # kube-proxy uses the first address only
+                    port=slice_port.port,
+                    ready=endpoint.ready,
+                    serving=endpoint.serving,
+                    terminating=endpoint.terminating,
+                    node_name=endpoint.node_name,
+                    zone=endpoint.zone,
+                )
+                key = (info.address, info.port)
+                if key not in best or _usefulness(info) > _usefulness(best[key]):
+                    best[key] = info
+    return tuple(best[key] for key in sorted(best))
+
+
+def _usefulness(endpoint: EndpointInfo) -> tuple[bool, bool, bool]:
+    """Which copy of a duplicated endpoint to keep: ready first, then serving, then not terminating."""
+    return endpoint.ready, endpoint.serving, not endpoint.terminating
+
+
+def _backends(info: ServicePortInfo) -> tuple[Backend, ...]:
+    """Ready endpoints; if none, the serving-and-terminating ones (KEP-1669); else none (reject)."""
+    chosen = [e for e in info.endpoints if e.ready]
+    if not chosen:
+        chosen = [e for e in info.endpoints if e.serving and e.terminating]
+    return tuple(sorted({
+        Backend(e.address, e.port, info.port.protocol) for e in chosen if _is_ipv4(e.address)
+    }))
+
+
+def _draining(info: ServicePortInfo, backends: tuple[Backend, ...]) -> tuple[Backend, ...]:
+    """Endpoints still listed but not chosen: their established TCP flows may finish.
+
+    kube-proxy leaves conntrack entries of TCP flows alone when an endpoint stops being used,
+    but flushes UDP ones (stale UDP entries are its best-known bug), so UDP never drains.
+    """
+    if info.port.protocol is not Protocol.TCP:
+        return ()
+    chosen = set(backends)
+    return tuple(sorted({
+        backend for e in info.endpoints
+        if _is_ipv4(e.address) and (backend := Backend(e.address, e.port, Protocol.TCP)) not in chosen
+    }))
+
+
+# --- ordering and names ----------------------------------------------------------------------
+
+
+def _port_order(port: ServicePort) -> tuple[int, str, str]:
+    return port.port, port.protocol.value, port.name
+
+
+def _info_order(info: ServicePortInfo) -> tuple[str, tuple[int, str, str]]:
+    return info.service.key, _port_order(info.port)
+
+
+def _describe(port: ServicePort) -> str:
+    number = f"{port.port}/{port.protocol.value}"
+    return f"\"{port.name}\" ({number})" if port.name else number
+
+
+def _is_ipv4(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).version == 4
+    except ValueError:
+        return False

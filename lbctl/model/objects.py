@@ -1,0 +1,200 @@
+"""Kubernetes objects and desired datapath state, as pure data.
+
+Data flows one way: a source (manifests, later the API server) yields ``Service`` and
+``EndpointSlice`` objects; ``lbctl.model.desired`` joins them into ``ServicePortInfo`` (what every
+datapath mode consumes: eBPF, iptables, nftables, IPVS) and, for the eBPF datapath, into a
+``DesiredState`` of frontends and backends. Nothing here touches the kernel.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+class Protocol(str, enum.Enum):
+    """Service protocols Kubernetes knows; ``number`` is the IP protocol number."""
+
+    TCP = "TCP"
+    UDP = "UDP"
+    SCTP = "SCTP"
+
+    @property
+    def number(self) -> int:
+        return {"TCP": 6, "UDP": 17, "SCTP": 132}[self.value]
+
+    @classmethod
+    def from_number(cls, number: int) -> "Protocol":
+        return {6: cls.TCP, 17: cls.UDP, 132: cls.SCTP}[number]
+
+
+# --- Kubernetes objects (only the fields a service proxy reads) -------------------------------
+
+
+@dataclass(frozen=True)
+class ServicePort:
+    name: str                      # "" when the service has a single unnamed port
+    port: int
+    protocol: Protocol
+    target_port: int | str         # number, or the name of a container port
+    node_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Service:
+    namespace: str
+    name: str
+    type: str = "ClusterIP"                       # ClusterIP | NodePort | LoadBalancer | ExternalName
+    cluster_ips: tuple[str, ...] = ()             # () for headless ("None") and ExternalName
+    ports: tuple[ServicePort, ...] = ()
+    session_affinity: str = "None"                # None | ClientIP
+    session_affinity_timeout: int = 10800         # seconds, for ClientIP
+    external_ips: tuple[str, ...] = ()
+    load_balancer_ips: tuple[str, ...] = ()       # status.loadBalancer.ingress[].ip
+    load_balancer_source_ranges: tuple[str, ...] = ()
+    external_traffic_policy: str = "Cluster"      # Cluster | Local
+    internal_traffic_policy: str = "Cluster"      # Cluster | Local
+    health_check_node_port: int | None = None
+    has_selector: bool = False
+    origin: str = ""                              # where it came from (file name), for messages
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def cluster_ip(self) -> str | None:
+        return self.cluster_ips[0] if self.cluster_ips else None
+
+
+@dataclass(frozen=True)
+class EndpointPort:
+    name: str
+    port: int
+    protocol: Protocol
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    addresses: tuple[str, ...]
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+    hostname: str | None = None
+
+
+@dataclass(frozen=True)
+class EndpointSlice:
+    namespace: str
+    name: str
+    service_name: str              # label kubernetes.io/service-name
+    address_type: str = "IPv4"
+    ports: tuple[EndpointPort, ...] = ()
+    endpoints: tuple[Endpoint, ...] = ()
+    origin: str = ""
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+    @property
+    def service_key(self) -> str:
+        return f"{self.namespace}/{self.service_name}"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One piece of bad input: the object it names, what is wrong, what was done about it."""
+
+    obj: str                       # "Service default/web", "file manifests/bad.yaml", ...
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.obj}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ClusterSnapshot:
+    """Everything a source knows at one moment: valid objects, plus the problems it skipped."""
+
+    services: Mapping[str, Service] = field(default_factory=dict)              # by "ns/name"
+    slices: Mapping[str, tuple[EndpointSlice, ...]] = field(default_factory=dict)  # by service key
+    problems: tuple[Problem, ...] = ()
+
+
+# --- What every datapath mode consumes -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointInfo:
+    address: str
+    port: int
+    ready: bool = True
+    serving: bool = True
+    terminating: bool = False
+    node_name: str | None = None
+    zone: str | None = None
+
+
+@dataclass(frozen=True)
+class ServicePortInfo:
+    """One service port joined with its endpoints (kube-proxy's ServicePort + []Endpoint)."""
+
+    service: Service
+    port: ServicePort
+    endpoints: tuple[EndpointInfo, ...] = ()
+
+    @property
+    def name(self) -> str:
+        """kube-proxy's ServicePortName: "ns/name:port" ("ns/name" for an unnamed port)."""
+        if self.port.name:
+            return f"{self.service.key}:{self.port.name}"
+        return self.service.key
+
+
+# --- Desired eBPF datapath state --------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class Frontend:
+    """A service address as the datapath matches it: VIP, port, protocol."""
+
+    address: str
+    port: int
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}/{self.protocol.value}"
+
+
+@dataclass(frozen=True, order=True)
+class Backend:
+    address: str
+    port: int
+    protocol: Protocol
+
+    def __str__(self) -> str:
+        return f"{self.address}:{self.port}/{self.protocol.value}"
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    frontend: Frontend
+    name: str                              # "ns/name:port", as kube-proxy names service ports
+    backends: tuple[Backend, ...]          # sorted; empty means "reject" (no endpoints)
+    # Endpoints still in the slices but not chosen for new flows (terminating, not ready):
+    # their established TCP flows keep going, as with kube-proxy's conntrack. Never UDP.
+    draining: tuple[Backend, ...] = ()
+    affinity_timeout: int = 0              # sessionAffinity ClientIP timeout (s); 0: none
+    drop_without_backends: bool = False    # no backends: drop (iTP Local) instead of reject
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    services: Mapping[Frontend, ServiceEntry] = field(default_factory=dict)
+
+    @property
+    def backends(self) -> frozenset[Backend]:
+        return frozenset(b for s in self.services.values() for b in s.backends)
