@@ -15,13 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import TEST_PIN_DIR
 
 from lbctl.bench import modes as bench_modes
 from lbctl.cli import main as cli
 from lbctl.lab import cluster as lab
 from lbctl.model.objects import EndpointInfo, Protocol, Service, ServicePort, ServicePortInfo
-
-from conftest import TEST_PIN_DIR
 
 PREFIX = f"lbq{os.getpid() % 1000}"
 MODES = ("none", "ebpf", "iptables", "nftables")

@@ -13,11 +13,10 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import ARP, Ether
 from scapy.packet import Raw
 
-from lbctl.datapath.ebpf import bpfsys
-from lbctl.datapath.ebpf import shared
-from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
+from lbctl.datapath.ebpf import bpfsys, shared
 from lbctl.datapath.ebpf.packets import TCP_ACK, TCP_FIN, TCP_SYN, frame
 from lbctl.datapath.ebpf.reconcile import entry
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 
 pytestmark = pytest.mark.root
 

@@ -12,17 +12,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TEST_PIN_DIR, config_for_tests
+from nsutil import socket_in, wait_for
 from scipy.stats import chisquare
 
+from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf import dump
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.lab import cluster as lab
-from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.lab.client import request_spread
 from lbctl.sources.manifests import ManifestSource
-
-from conftest import TEST_PIN_DIR, config_for_tests
-from nsutil import socket_in, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -42,7 +41,7 @@ class RunningAgent:
         self.manifests = manifests
         self.agent = None
 
-    def start(self) -> "RunningAgent":
+    def start(self) -> RunningAgent:
         self.stop_event = threading.Event()
         self.agent = Agent(ManifestSource(self.manifests, interval=0.1), self.cfg,
                            AgentOptions(interval=0.1, detach_on_exit=False, link_rescan=0.5))

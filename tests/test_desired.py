@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 
 from lbctl.model.desired import desired_state, service_ports
-from lbctl.sources.manifests import load_manifests
 from lbctl.model.objects import (
     Backend,
     ClusterSnapshot,
@@ -23,6 +22,7 @@ from lbctl.model.objects import (
     ServicePort,
     ServicePortInfo,
 )
+from lbctl.sources.manifests import load_manifests
 
 FIXTURES = Path(__file__).parent / "data" / "manifests"
 TCP, UDP, SCTP = Protocol.TCP, Protocol.UDP, Protocol.SCTP

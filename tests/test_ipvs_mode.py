@@ -26,8 +26,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from kubeproxy_cases import ep, info, port, service
+
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import ipvs
 from lbctl.datapath.kubeproxy.ipvs import (

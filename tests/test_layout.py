@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from lbctl.datapath.ebpf import bpfsys
-from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf import bpfsys, shared
 from lbctl.datapath.ebpf.packets import frame
 
 
@@ -74,8 +73,9 @@ def test_a_pinned_map_of_another_type_is_refused(tmp_path):
     import ctypes
     import os
 
-    from lbctl.datapath.ebpf import loader as ebpf
     from conftest import config_for_tests
+
+    from lbctl.datapath.ebpf import loader as ebpf
 
     cfg = config_for_tests(pin_dir=f"/sys/fs/bpf/lbctl-test-type-{os.getpid()}")
     os.makedirs(cfg.pin_dir)

@@ -8,14 +8,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lbctl.sources import manifests
-from lbctl.sources.manifests import (
-    ManifestSource,
-    Source,
-    build_snapshot,
-    load_manifests,
-    parse_documents,
-)
 from lbctl.model.objects import (
     ClusterSnapshot,
     Endpoint,
@@ -25,6 +17,14 @@ from lbctl.model.objects import (
     Protocol,
     Service,
     ServicePort,
+)
+from lbctl.sources import manifests
+from lbctl.sources.manifests import (
+    ManifestSource,
+    Source,
+    build_snapshot,
+    load_manifests,
+    parse_documents,
 )
 
 FIXTURES = Path(__file__).parent / "data" / "manifests"

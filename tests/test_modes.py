@@ -17,20 +17,26 @@ import sys
 from pathlib import Path
 
 import pytest
+from kubeproxy_cases import ep, info, port, service
+from netfilter_state import iptables_state, nft_state
 
 from lbctl.cli import main as cli
-from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath import base as modes
-from lbctl.datapath.kubeproxy import IptablesConfig, NftablesConfig, render_iptables, render_iptables_partial
-from lbctl.datapath.kubeproxy import render_jump_chains, render_jump_rules, render_nftables
-from lbctl.datapath.kubeproxy import iptables_mode
-from lbctl.datapath.kubeproxy import proxier
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.kubeproxy import (
+    IptablesConfig,
+    NftablesConfig,
+    iptables_mode,
+    proxier,
+    render_iptables,
+    render_iptables_partial,
+    render_jump_chains,
+    render_jump_rules,
+    render_nftables,
+)
 from lbctl.datapath.kubeproxy.iptables_mode import IptablesMode, cleanup_restore, parse_save
 from lbctl.datapath.kubeproxy.nftables_mode import NftablesMode, Rendered, partial_transaction
 from lbctl.datapath.kubeproxy.proxier import Completed, ProxierOptions, count_changes, stale_udp_conntrack
-
-from kubeproxy_cases import ep, info, port, service
-from netfilter_state import iptables_state, nft_state
 
 NODE = "node-a"
 ICFG = IptablesConfig(node_name=NODE, node_ips=("192.0.2.2",), cluster_cidr="10.244.0.0/16")

@@ -30,23 +30,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from scipy.stats import chisquare
-
-from lbctl.datapath.ebpf import dump
-from lbctl.datapath.ebpf import loader as ebpf
-from lbctl.lab import cluster as lab
-from lbctl.agent.loop import Agent, AgentOptions
-from lbctl.model.desired import service_ports
-from lbctl.datapath.kubeproxy import iptables_mode
-from lbctl.datapath.kubeproxy import nftables_mode
-from lbctl.datapath.kubeproxy import proxier
-from lbctl.lab.client import request_spread
-from lbctl.sources.manifests import ManifestSource, load_manifests
-from lbctl.datapath.ebpf.mode import EbpfMode
-
 from conftest import TEST_PIN_DIR, config_for_tests
 from netfilter_state import iptables_state, nft_state
 from nsutil import socket_in, wait_for
+from scipy.stats import chisquare
+
+from lbctl.agent.loop import Agent, AgentOptions
+from lbctl.datapath.ebpf import dump
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.ebpf.mode import EbpfMode
+from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode, proxier
+from lbctl.lab import cluster as lab
+from lbctl.lab.client import request_spread
+from lbctl.model.desired import service_ports
+from lbctl.sources.manifests import ManifestSource, load_manifests
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -158,7 +155,7 @@ class Running:
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,),
                                        kwargs={"max_seconds": 600}, daemon=True)
 
-    def start(self) -> "Running":
+    def start(self) -> Running:
         self.thread.start()
         wait_for(lambda: self.agent.synced.is_set() or not self.thread.is_alive(), 60,
                  what=f"the {self.name} agent's first sync")

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 
-
 from lbctl.datapath.ebpf import shared
-from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 from lbctl.datapath.ebpf.reconcile import BACKENDS, SERVICES, Reconciler, entry
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 from lbctl.testing.fakemap import FakeMap
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
@@ -122,7 +121,7 @@ def test_failed_write_resyncs_from_the_maps_and_converges():
     result = r.sync(desired)
     assert result.errors and r.dirty
     # whatever was written, every frontend present names only existing backends
-    for fe, (count, backends) in contents(m).items():
+    for count, backends in contents(m).values():
         if count is None:   # slots whose frontend was not written yet: unreachable
             continue
         assert len(backends) >= count and "MISSING" not in backends[:count]

@@ -14,7 +14,6 @@ import shlex
 import subprocess
 
 import pytest
-
 from kubeproxy_cases import (
     POD_CIDR,
     TEST_EXTERNAL_CLIENT,
@@ -35,16 +34,17 @@ from kubeproxy_cases import (
     sort_iptables_rules,
     write_cli_manifests,
 )
+
 from lbctl.datapath.kubeproxy import (
     IptablesConfig,
+    common,
+    iptables,
     render_iptables,
     render_iptables_partial,
     render_jump_chains,
     render_jump_rules,
     trace_iptables,
 )
-from lbctl.datapath.kubeproxy import common
-from lbctl.datapath.kubeproxy import iptables
 
 # kube-proxy's NewFakeProxier: IPv4, pod CIDR detector, localhost NodePorts, nfacct counters
 # available, no --random-fully, the mark injected as "0x4000".

@@ -15,7 +15,6 @@ import dataclasses
 import subprocess
 
 import pytest
-
 from kubeproxy_cases import (
     POD_CIDR,
     TEST_EXTERNAL_IP,
@@ -32,9 +31,8 @@ from kubeproxy_cases import (
     sort_nftables_transaction,
     write_cli_manifests,
 )
-from lbctl.datapath.kubeproxy import NftablesConfig, render_nftables
-from lbctl.datapath.kubeproxy import common
-from lbctl.datapath.kubeproxy import nftables
+
+from lbctl.datapath.kubeproxy import NftablesConfig, common, nftables, render_nftables
 
 # kube-proxy's NewFakeProxier for nftables: service CIDR 172.30.0.0/16 known, NodePorts on the
 # primary node IP (192.168.0.2/32), pod CIDR detector, the mark injected as "0x4000".

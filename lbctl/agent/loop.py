@@ -14,10 +14,10 @@ import threading
 import time
 from dataclasses import dataclass
 
-from lbctl.datapath.ebpf import loader as ebpf
-from lbctl.model.desired import service_ports
-from lbctl.datapath.ebpf.mode import EbpfMode
 from lbctl.datapath.base import SyncResult
+from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.ebpf.mode import EbpfMode
+from lbctl.model.desired import service_ports
 
 log = logging.getLogger("lbctl.agent.loop")
 
@@ -116,7 +116,7 @@ class Agent:
                 self.retry()
             if housekeeping is not None:
                 housekeeping()
-        except Exception:  # noqa: BLE001 - the agent must outlive any one bad turn
+        except Exception:
             log.exception("unexpected error in this turn; the datapath keeps its last state")
 
 

@@ -92,9 +92,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.lab import cluster as lab
@@ -264,10 +264,8 @@ def ebpf_config(spec: BenchSpec, links: Sequence[str], biggest: int) -> ebpf.Dat
 
 def make_mode(name: str, spec: BenchSpec, links: Sequence[str], biggest: int, runner=None):
     """The mode as the parity suite builds it (same node name, node IP, cluster CIDR)."""
-    from lbctl.datapath.kubeproxy import iptables_mode
-    from lbctl.datapath.kubeproxy import nftables_mode
-    from lbctl.datapath.kubeproxy import proxier
     from lbctl.datapath.ebpf.mode import EbpfMode
+    from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode, proxier
 
     if name == "ebpf":
         return EbpfMode(ebpf_config(spec, links, biggest))
@@ -327,7 +325,7 @@ def bpf_filters(links: Sequence[str]) -> list[tuple[str, str]]:
             for parent in (ebpf.TC_INGRESS, ebpf.TC_EGRESS) if indexes else ():
                 try:
                     filters = list(ipr.get_filters(indexes[0], parent=parent))
-                except Exception:  # noqa: BLE001 - no clsact on the link: no filter
+                except Exception:
                     continue
                 for f in filters:
                     opts = f.get_attr("TCA_OPTIONS")
@@ -429,7 +427,7 @@ def _worker_main(queue, barrier, *args) -> None:
     """A worker process: always reports, so the parent never waits for a dead one."""
     try:
         queue.put(client_worker(*args, barrier=barrier))
-    except BaseException as exc:  # noqa: BLE001 - e.g. a broken barrier: report it as an error
+    except BaseException as exc:
         now = time.monotonic()
         queue.put({"started": now, "ended": now, "answers": {}, "latencies": [],
                    "errors": {f"other:worker {type(exc).__name__}": 1}})
@@ -589,7 +587,7 @@ def start_mode(mode, links: Sequence[str], progress: Progress, verbose: bool) ->
     return time.monotonic() - started
 
 
-def sync_mode(mode, ports: Sequence[ServicePortInfo], runner: "TimingRunner | None",
+def sync_mode(mode, ports: Sequence[ServicePortInfo], runner: TimingRunner | None,
               result: ModeResult) -> None:
     """One sync of every service, timed; for the kube-proxy modes, time in commands too."""
     before = dict(runner.by_command) if runner else {}
@@ -822,7 +820,7 @@ def cmd_bench_modes(args) -> int:
     import logging
 
     out = sys.stderr if args.json else sys.stdout
-    progress = lambda msg: print(msg, file=out, flush=True)    # noqa: E731
+    progress = lambda msg: print(msg, file=out, flush=True)
     if not getattr(args, "verbose", False):
         # The modes log every start, attach and sync at INFO: the progress lines say it shorter.
         for name in ("lbctl.mode", "lbctl.datapath.kubeproxy", "lbctl.ipvs", "lbctl.datapath.ebpf.reconcile", "lbctl.datapath.ebpf.loader"):

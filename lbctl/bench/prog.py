@@ -25,9 +25,9 @@ from pathlib import Path
 
 from lbctl.datapath.ebpf import bpfsys
 from lbctl.datapath.ebpf import loader as ebpf
-from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 from lbctl.datapath.ebpf.packets import TCP_ACK, TCP_SYN, frame
 from lbctl.datapath.ebpf.reconcile import Reconciler, entry
+from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 
 BENCH_PIN_DIR = "/sys/fs/bpf/lbctl-bench"
 SERVICE_BASE = int(ipaddress.IPv4Address("10.96.0.0"))

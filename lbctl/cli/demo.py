@@ -5,10 +5,10 @@ import logging
 import threading
 from pathlib import Path
 
+from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf import dump
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.lab import cluster as lab
-from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.lab.client import request_spread
 from lbctl.sources.manifests import ManifestSource
 

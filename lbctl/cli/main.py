@@ -44,8 +44,8 @@ def datapath_config(args) -> ebpf.DatapathConfig:
 
 def kube_proxy_settings(args) -> dict:
     """--node-name/--node-ip/--cluster-cidr/... as kube-proxy config fields; ValueError if bad."""
-    from lbctl.datapath.kubeproxy import proxier
     from lbctl.cli import render as render_cmd
+    from lbctl.datapath.kubeproxy import proxier
 
     errors = render_cmd.flag_errors(args)
     if errors:
@@ -68,8 +68,7 @@ def build_mode(args):
         return EbpfMode(datapath_config(args))
     settings = kube_proxy_settings(args)
     if args.mode in ("iptables", "nftables"):
-        from lbctl.datapath.kubeproxy import iptables_mode
-        from lbctl.datapath.kubeproxy import nftables_mode
+        from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode
         from lbctl.datapath.kubeproxy.proxier import ProxierOptions
 
         options = ProxierOptions(full_sync_every=args.full_sync_every, ebpf_pin_dir=args.pin_dir)
@@ -148,14 +147,14 @@ def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
     pinned maps, the agent's state file, the kube-proxy modes' rules (iptables chains and jump
     rules, the nftables table, IPVS objects), and labs that `lbctl lab up` built."""
-    from lbctl.lab import cluster as lab
     from lbctl.datapath.base import MODES, cleanup_mode
+    from lbctl.lab import cluster as lab
 
     removed, failed = [], []
     for name in MODES:
         try:
             removed += cleanup_mode(name, args.pin_dir)
-        except Exception as exc:  # noqa: BLE001 - report and go on with the other modes
+        except Exception as exc:
             failed.append(f"{name} mode: {exc}")
     labs = []
     if not args.keep_labs:

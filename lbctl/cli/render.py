@@ -29,8 +29,8 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from lbctl.datapath.kubeproxy import common
 from lbctl.datapath.kubeproxy.iptables import IptablesConfig, render_iptables, render_jump_chains, render_jump_rules

@@ -28,9 +28,9 @@ serving.
 from __future__ import annotations
 
 import logging
-from typing import Protocol, Sequence
-
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from lbctl.model.objects import ServicePortInfo
 
@@ -110,7 +110,7 @@ def cleanup_other_modes(keep: str, ebpf_pin_dir: str = DEFAULT_PIN_DIR) -> list[
             continue
         try:
             found = cleanup_mode(name, ebpf_pin_dir)
-        except Exception as exc:   # noqa: BLE001 - another mode's leftovers must not stop this one
+        except Exception as exc:
             log.warning("%s mode: could not remove the %s mode's objects (%s); `lbctl cleanup` "
                         "removes them", keep, name, exc)
             continue

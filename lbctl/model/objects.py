@@ -8,8 +8,8 @@ datapath mode consumes: eBPF, iptables, nftables, IPVS) and, for the eBPF datapa
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 
 class Protocol(str, enum.Enum):
@@ -24,7 +24,7 @@ class Protocol(str, enum.Enum):
         return {"TCP": 6, "UDP": 17, "SCTP": 132}[self.value]
 
     @classmethod
-    def from_number(cls, number: int) -> "Protocol":
+    def from_number(cls, number: int) -> Protocol:
         return {6: cls.TCP, 17: cls.UDP, 132: cls.SCTP}[number]
 
 

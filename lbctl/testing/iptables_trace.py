@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import ipaddress
 import shlex
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 from lbctl.datapath.kubeproxy import common
 

@@ -111,7 +111,7 @@ class BpfMap:
         self._value_len = self._stride * self._ncpu if self.percpu else self.info.value_size
 
     @classmethod
-    def open_pinned(cls, path: str) -> "BpfMap":
+    def open_pinned(cls, path: str) -> BpfMap:
         return cls(obj_get(path), os.path.basename(path))
 
     def close(self) -> None:

@@ -82,7 +82,7 @@ def _sum_stats(values) -> tuple[int, int, int]:
 
 def collect(pin_dir: str) -> dict:
     """The whole datapath state as plain data (what --json prints)."""
-    path = lambda name: os.path.join(pin_dir, name)  # noqa: E731
+    path = lambda name: os.path.join(pin_dir, name)
     if not os.path.exists(path("lb4_services")):
         raise FileNotFoundError(f"no lbctl maps pinned under {pin_dir}: is `lbctl run` running "
                                 "(or has it run since boot)?")
@@ -164,7 +164,7 @@ def trace(pin_dir: str, src: str, sport: int, dst: str, dport: int, proto: str) 
     the frontend it hits, the flow's conntrack entry, the client's affinity, else the slots
     a new flow picks from uniformly."""
     number = Protocol(proto.upper()).number
-    path = lambda name: os.path.join(pin_dir, name)  # noqa: E731
+    path = lambda name: os.path.join(pin_dir, name)
     lines = [f"packet {src}:{sport} -> {dst}:{dport}/{proto.upper()}"]
     with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
             BpfMap.open_pinned(path("lb4_backends")) as be_map, \

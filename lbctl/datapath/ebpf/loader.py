@@ -146,7 +146,7 @@ class EbpfDatapath:
         self.egress_fd = -1
         self.maps: dict[str, BpfMap] = {}
 
-    def load(self) -> "EbpfDatapath":
+    def load(self) -> EbpfDatapath:
         ensure_bpffs()
         check_kernel_headers()
         os.makedirs(self.cfg.pin_dir, exist_ok=True)
@@ -235,7 +235,7 @@ def detach(ipr, index: int, tc_name: str = TC_NAME) -> bool:
                            for f in _filters(ipr, index, parent)):
         try:
             ipr.tc("del", "clsact", index)
-        except Exception:  # noqa: BLE001 - already gone with its link
+        except Exception:
             pass
     return removed
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from lbctl.datapath.base import SyncResult, cleanup_other_modes
 from lbctl.datapath.ebpf import dump

@@ -24,7 +24,7 @@ Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
 from lbctl.datapath.ebpf import shared

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cffi
 
+
 def _bpf_dir() -> Path:
     """The BPF sources: shipped inside the package (a wheel) or the checkout's bpf/."""
     packaged = Path(__file__).resolve().parents[2] / "bpf"

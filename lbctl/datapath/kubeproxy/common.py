@@ -15,8 +15,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from lbctl.model.objects import ServicePortInfo
 

@@ -17,8 +17,8 @@ Three entry points:
 """
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from lbctl.datapath.kubeproxy import common
 from lbctl.datapath.kubeproxy.common import NodePortAddresses, NodeView, ProxiedPort

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import iptables as rules

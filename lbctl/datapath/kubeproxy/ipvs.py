@@ -48,14 +48,14 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Protocol
 
-from lbctl.datapath.base import DatapathError
+from lbctl.datapath.base import DatapathError, SyncResult
 from lbctl.datapath.kubeproxy import common
 from lbctl.datapath.kubeproxy.common import ProxiedPort
 from lbctl.model.objects import Problem, ServicePortInfo
-from lbctl.datapath.base import SyncResult
 
 log = logging.getLogger("lbctl.ipvs")
 
@@ -736,11 +736,11 @@ class LinuxKernel:
         return self.ipvs is not None
 
     @classmethod
-    def open(cls, require: bool = True) -> "LinuxKernel":
+    def open(cls, require: bool = True) -> LinuxKernel:
         """Opens the netlink sockets. With ``require`` (``IpvsMode.start``) a kernel without IPVS,
         ipset or iptables-restore is a DatapathError saying what is missing; without (cleanup)
         whatever is missing is simply not cleaned."""
-        from pyroute2 import IPSet, IPVS, IPRoute
+        from pyroute2 import IPVS, IPRoute, IPSet
 
         ipvs = ipset = None
         try:

@@ -16,8 +16,8 @@ kube-proxy's; only the order of services (a Go map walk there) is made stable.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from lbctl.datapath.kubeproxy import common
 from lbctl.datapath.kubeproxy.common import ProxiedPort

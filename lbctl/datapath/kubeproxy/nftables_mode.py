@@ -26,8 +26,8 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import common
@@ -71,7 +71,7 @@ class Rendered:
     affinity_sets: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def parse(cls, text: str) -> "Rendered":
+    def parse(cls, text: str) -> Rendered:
         r = cls()
         for line in text.splitlines():
             words = line.split(" ", 5)

@@ -15,17 +15,17 @@
 from __future__ import annotations
 
 import abc
-
 import logging
 import socket
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
+from lbctl.datapath.base import SyncResult
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.kubeproxy import common
 from lbctl.model.objects import Problem, ServicePortInfo
-from lbctl.datapath.base import SyncResult
 
 log = logging.getLogger("lbctl.datapath.kubeproxy")
 
