@@ -12,13 +12,14 @@ APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 ip
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo test test-unit bench-quick bench-modes clean
+.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes clean
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
 	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
 	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
 	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
+	@echo "make lint        ruff and mypy (make test runs them first)"
 	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
 
 setup: apt-deps kernel-headers venv
@@ -58,7 +59,12 @@ $(VENV)/.stamp: pyproject.toml | apt-deps
 demo: setup
 	$(VENV)/bin/lbctl demo $(if $(KEEP),--keep) $(DEMO_ARGS)
 
-test: setup
+# ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade) and mypy, configured in pyproject.toml
+lint: venv
+	$(VENV)/bin/ruff check lbctl tests
+	$(VENV)/bin/mypy
+
+test: setup lint
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-unit: venv

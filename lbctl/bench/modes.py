@@ -95,6 +95,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.lab import cluster as lab
@@ -270,7 +271,8 @@ def make_mode(name: str, spec: BenchSpec, links: Sequence[str], biggest: int, ru
     if name == "ebpf":
         return EbpfMode(ebpf_config(spec, links, biggest))
     options = proxier.ProxierOptions(ebpf_pin_dir=spec.pin_dir)
-    settings = dict(node_name=lab.NODE_NAME, node_ips=(spec.gateway,), cluster_cidr=CLUSTER_CIDR)
+    settings: dict[str, Any] = dict(node_name=lab.NODE_NAME, node_ips=(spec.gateway,),
+                                    cluster_cidr=CLUSTER_CIDR)
     if name == "iptables":
         return iptables_mode.IptablesMode(
             iptables_mode.config_from(**settings, tcp_be_liberal=True), options, runner)
@@ -409,7 +411,9 @@ def client_worker(index: int, workers: int, targets: list[tuple[str, int]], coun
     barrier.wait(timeout=60 + WARMUP_PER_WORKER * timeout)
     started = time.monotonic()
     deadline = started + max_seconds
-    answers, errors, latencies = Counter(), Counter(), []
+    answers: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    latencies: list[float] = []
     for i in range(index, count, workers):
         if time.monotonic() >= deadline:
             break
@@ -417,16 +421,17 @@ def client_worker(index: int, workers: int, targets: list[tuple[str, int]], coun
         if outcome.error:
             errors[outcome.error if outcome.error != "other" else f"other:{outcome.detail}"] += 1
         else:
-            answers[outcome.pod] += 1
+            answers[outcome.pod or "?"] += 1
             latencies.append(round(took, 1))
     return {"started": started, "ended": time.monotonic(), "answers": answers, "errors": errors,
             "latencies": latencies}
 
 
-def _worker_main(queue, barrier, *args) -> None:
+def _worker_main(queue, barrier, index: int, workers: int, targets: list[tuple[str, int]], count: int,
+                 max_seconds: float, timeout: float) -> None:
     """A worker process: always reports, so the parent never waits for a dead one."""
     try:
-        queue.put(client_worker(*args, barrier=barrier))
+        queue.put(client_worker(index, workers, targets, count, max_seconds, timeout, barrier))
     except BaseException as exc:
         now = time.monotonic()
         queue.put({"started": now, "ended": now, "answers": {}, "latencies": [],
@@ -449,7 +454,9 @@ def run_client(targets: list[tuple[str, int]], count: int, max_seconds: float, w
     parts = [queue.get() for _ in procs]
     for p in procs:
         p.join()
-    answers, errors, latencies = Counter(), Counter(), []
+    answers: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    latencies: list[float] = []
     for part in parts:
         answers.update(part["answers"])
         errors.update(part["errors"])
@@ -519,7 +526,8 @@ def measure(name: str, ports: Sequence[ServicePortInfo], state: lab.LabState, sp
             if runner:
                 slowest = ", ".join(f"{cmd} {secs:.2f} s" for cmd, secs in
                                     sorted(result.sync_commands.items(), key=lambda kv: -kv[1])[:2])
-                split = f" ({slowest}; {result.sync_seconds - result.sync_command_seconds:.2f} s in Python)"
+                in_python = (result.sync_seconds or 0.0) - (result.sync_command_seconds or 0.0)
+                split = f" ({slowest}; {in_python:.2f} s in Python)"
             progress(f"{tag}: started in {result.start_seconds:.2f} s, synced {n:,} services in "
                      f"{result.sync_seconds:.2f} s{split}")
             targets = [f"{spec.real_vip}:{SERVICE_PORT}"]
@@ -624,7 +632,9 @@ def captured_stderr():
 
 def fill(result: ModeResult, rounds: list[dict], spec: BenchSpec) -> None:
     """Conn/s: the median round; latency percentiles: over every connection of every round."""
-    answers, errors, latencies = Counter(), Counter(), []
+    answers: Counter[str] = Counter()
+    errors: Counter[str] = Counter()
+    latencies: list[float] = []
     for r in rounds:
         answers.update(r["answers"])
         errors.update(r["errors"])
@@ -780,7 +790,7 @@ def plot(report: BenchReport, path: Path) -> None:
         if not points:
             continue
         xs, ys = zip(*points)
-        style = dict(linestyle="--", color="grey") if name == "none" else dict(marker="o")
+        style: dict[str, Any] = dict(linestyle="--", color="grey") if name == "none" else dict(marker="o")
         ax.plot(xs, ys, label=name, **style)
         for x, y in points:
             if name != "none":

@@ -140,8 +140,8 @@ class Tally:
             if outcome.detail:
                 self.other_detail[outcome.detail] += 1
         else:
-            self.answers[outcome.pod] += 1
-            self.peers[outcome.peer] += 1
+            self.answers[outcome.pod or "?"] += 1   # an answer always names its pod and peer
+            self.peers[outcome.peer or "?"] += 1
 
     def report(self, elapsed: float) -> dict:
         return {"answers": dict(sorted(self.answers.items())), "errors": dict(self.errors),

@@ -569,6 +569,6 @@ def describe(state: LabState) -> str:
     rows.append("")
     rows.append(f"{'SERVICE':<14} {'CLUSTER-IP':<15} {'PORTS':<40} BACKENDS")
     for key, svc in state.services.items():
-        ports = ", ".join(f"{p.name} {p.port}/{p.protocol}->{p.target_port}" for p in svc.ports)
-        rows.append(f"{key:<14} {svc.cluster_ip:<15} {ports:<40} {' '.join(svc.backends)}")
+        listed = ", ".join(f"{p.name} {p.port}/{p.protocol}->{p.target_port}" for p in svc.ports)
+        rows.append(f"{key:<14} {svc.cluster_ip:<15} {listed:<40} {' '.join(svc.backends)}")
     return "\n".join(rows)
