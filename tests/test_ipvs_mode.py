@@ -31,7 +31,6 @@ from kubeproxy_cases import ep, info, port, service
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import ipvs
 from lbctl.datapath.kubeproxy.ipvs import (
-    FakeKernel,
     IpvsConfig,
     IpvsMode,
     LinuxKernel,
@@ -46,6 +45,7 @@ from lbctl.datapath.kubeproxy.ipvs import (
     render_ipvs_jump_rules,
     set_name,
 )
+from lbctl.testing.ipvs_kernel import FakeKernel, matched_sets
 
 GOLDEN_DIR = Path(__file__).parent / "golden" / "ipvs"
 NODE = "test-node"
@@ -563,7 +563,7 @@ def test_golden_restore_files_are_consistent(name):
                 words = shlex.split(line)
                 assert words[1] in declared
                 assert words[words.index("-j") + 1] in declared | targets, line
-                assert set(ipvs._matched_sets(words)) <= sets, line
+                assert set(matched_sets(words)) <= sets, line
 
 
 # --- IpvsMode.sync against the fake kernel ------------------------------------------------------

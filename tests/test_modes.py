@@ -510,6 +510,43 @@ def test_cli_cleanup_covers_every_mode(monkeypatch, capsys):
     assert "removed 4 datapath object(s)" in capsys.readouterr().out
 
 
+# --- layering ----------------------------------------------------------------------------------------
+
+
+def _lbctl_imports(path: Path) -> set[str]:
+    """Every lbctl module a source file imports, at the top or inside a function."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lbctl"):
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lbctl")}
+    return found
+
+
+KUBEPROXY = Path(cli.__file__).parents[1] / "datapath" / "kubeproxy"
+
+
+def test_kube_proxy_modes_import_only_downwards():
+    """The kube-proxy modes stand on the model and lbctl.datapath.base alone: not on the eBPF
+    datapath, the CLI, the agent, the benchmarks, the lab or the test doubles."""
+    above = ("lbctl.datapath.ebpf", "lbctl.cli", "lbctl.agent", "lbctl.bench", "lbctl.lab", "lbctl.testing",
+             "lbctl.sources")
+    for path in sorted(KUBEPROXY.rglob("*.py")):
+        wrong = sorted(m for m in _lbctl_imports(path) if m.startswith(above))
+        assert not wrong, f"{path.relative_to(KUBEPROXY)} imports {wrong}"
+
+
+@pytest.mark.parametrize("layer,below", [
+    ("desired", ()), ("rules", ("desired",)), ("kernel", ("desired",)), ("mode", ("desired", "rules", "kernel"))])
+def test_ipvs_layers_import_only_the_ones_below(layer, below):
+    package = "lbctl.datapath.kubeproxy.ipvs"
+    used = {m.split(".")[4] for m in _lbctl_imports(KUBEPROXY / "ipvs" / f"{layer}.py") if m.startswith(package + ".")}
+    assert used <= set(below), f"ipvs/{layer}.py imports {sorted(used - set(below))}"
+
+
 # --- in the kernel (throwaway network namespaces) ------------------------------------------------
 
 

@@ -43,8 +43,8 @@ from lbctl.datapath.kubeproxy import (
     render_iptables_partial,
     render_jump_chains,
     render_jump_rules,
-    trace_iptables,
 )
+from lbctl.testing.iptables_trace import trace_iptables
 
 # kube-proxy's NewFakeProxier: IPv4, pod CIDR detector, localhost NodePorts, nfacct counters
 # available, no --random-fully, the mark injected as "0x4000".
@@ -366,6 +366,42 @@ def test_headless_externalname_and_other_family_services_are_skipped():
     v6only = service("ns1", "v6", "fd00::10", port("p", 80))
     rendered = render_iptables([info(headless, "p"), info(external, "p"), info(v6only, "p")], FAKE_PROXIER)
     assert rendered == render_iptables([], FAKE_PROXIER)
+
+
+def _policy(svc, *endpoints, masquerade_all=False, cluster_cidr=None):
+    proxied = common.proxied_ports([info(svc, "p80", *endpoints)], 4, TEST_NODE_NAME)[0]
+    return common.service_policy(proxied, masquerade_all, common.local_detector(cluster_cidr, 4))
+
+
+def test_service_policy_shared_by_the_iptables_and_nftables_renderers():
+    """common.service_policy: which endpoints serve which traffic, reject or drop, masquerade."""
+    Verdict, Masquerade = common.Verdict, common.Masquerade
+    remote, local = ep("10.180.0.1", 80, "other-node"), ep("10.180.2.1", 80, TEST_NODE_NAME)
+    cluster_ip = service("ns1", "svc1", "172.30.0.41", port("p80", 80))
+
+    none = _policy(cluster_ip)
+    assert (none.has_endpoints, none.internal_verdict, none.external_verdict) == (False, Verdict.REJECT, Verdict.REJECT)
+    served = _policy(cluster_ip, remote)
+    assert (served.internal_verdict, served.uses_cluster_endpoints, served.uses_local_endpoints) == (None, True, False)
+    assert not served.uses_external_chain
+
+    itp_local = dataclasses.replace(cluster_ip, internal_traffic_policy="Local")
+    assert _policy(itp_local, remote).internal_verdict is Verdict.DROP       # endpoints, none local
+    here = _policy(itp_local, remote, local)
+    assert (here.internal_local, here.uses_local_endpoints, here.uses_cluster_endpoints) == (True, True, False)
+
+    etp_local = service("ns1", "svc1", "172.30.0.41", port("p80", 80, node_port=3001), type="LoadBalancer",
+                        load_balancer_ips=("1.2.3.4",), external_traffic_policy="Local")
+    elsewhere = _policy(etp_local, remote)
+    assert (elsewhere.internal_verdict, elsewhere.external_verdict) == (None, Verdict.DROP)
+    assert elsewhere.uses_external_chain and elsewhere.external_masquerade is Masquerade.FROM_NODE
+    etp_cluster = dataclasses.replace(etp_local, external_traffic_policy="Cluster")
+    assert _policy(etp_cluster, remote).external_masquerade is Masquerade.ALL
+
+    assert _policy(cluster_ip, remote).internal_masquerade is Masquerade.NONE
+    assert _policy(cluster_ip, remote, cluster_cidr=POD_CIDR).internal_masquerade is Masquerade.OFF_CLUSTER
+    assert _policy(cluster_ip, remote, masquerade_all=True, cluster_cidr=POD_CIDR).internal_masquerade \
+        is Masquerade.ALL
 
 
 def test_jump_rules():
@@ -756,14 +792,14 @@ def test_cli_prints_jump_rules(manifests, capsys):
 
 def test_host_probes(monkeypatch, tmp_path):
     """The probes read the host; here they are pointed at files and fake tool output."""
-    from lbctl.cli import render as render_cmd
+    from lbctl.datapath.kubeproxy import probes
 
     sysctl = tmp_path / "nf_conntrack_tcp_be_liberal"
-    monkeypatch.setattr(render_cmd, "TCP_BE_LIBERAL_SYSCTL", sysctl)
-    assert render_cmd.probe_tcp_be_liberal() is False          # no conntrack module: kube-proxy's 0
+    monkeypatch.setattr(probes, "TCP_BE_LIBERAL_SYSCTL", sysctl)
+    assert probes.probe_tcp_be_liberal() is False          # no conntrack module: kube-proxy's 0
     sysctl.write_text("1\n")
-    assert render_cmd.probe_tcp_be_liberal() is True
-    assert render_cmd._version("iptables v1.8.9 (nf_tables)") == (1, 8, 9)
-    assert render_cmd._version("6.1.0-18-amd64") == (6, 1, 0)
-    assert render_cmd._version("iptables v1.6.1") < render_cmd.RANDOM_FULLY_MIN_IPTABLES
-    assert isinstance(render_cmd.probe_random_fully(), bool) and isinstance(render_cmd.probe_nfacct(), bool)
+    assert probes.probe_tcp_be_liberal() is True
+    assert probes.version("iptables v1.8.9 (nf_tables)") == (1, 8, 9)
+    assert probes.version("6.1.0-18-amd64") == (6, 1, 0)
+    assert probes.version("iptables v1.6.1") < probes.RANDOM_FULLY_MIN_IPTABLES
+    assert isinstance(probes.probe_random_fully(), bool) and isinstance(probes.probe_nfacct(), bool)

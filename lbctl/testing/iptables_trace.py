@@ -108,7 +108,8 @@ class Trace:
 class _Tracer:
     """One packet's walk; collects every DNAT/verdict it may reach and whether it was marked."""
 
-    def __init__(self, tables, local_ips: set[str], src: str, proto: str, dport: int) -> None:
+    def __init__(self, tables: dict[str, dict[str, list[Rule]]], local_ips: set[str], src: str, proto: str,
+                 dport: int) -> None:
         self.tables = tables
         self.local_ips = local_ips
         self.src, self.proto, self.dport = src, proto, str(dport)
@@ -148,7 +149,10 @@ class _Tracer:
                 self.outputs.append(target)
                 return True
             elif target == "DNAT":
-                self.outputs.append(rule.get("--to-destination")[1])
+                to = rule.get("--to-destination")
+                if to is None:
+                    raise ValueError(f"DNAT without --to-destination: {rule.raw}")
+                self.outputs.append(to[1])
                 return True
             elif self.run(table, target, dst) and rule.get("--probability") is None:
                 return True

@@ -1,9 +1,20 @@
-"""kube-proxy v1.32's rules, rendered from lbctl's model, to compare lbctl against kube-proxy.
+"""kube-proxy v1.32's three proxiers as lbctl datapath modes, and their rules as pure functions.
 
-Pure renderers (no kernel is touched): ``render_iptables`` / ``render_iptables_partial`` give
-the iptables-restore input of kube-proxy's iptables mode, ``render_jump_rules`` the rules it
-adds to the built-in chains, ``render_nftables`` the ``nft -f`` transaction of its nftables
-mode. ``trace_iptables`` walks rendered iptables rules the way a packet would.
+    common.py          kube-proxy's view of service ports and endpoints for one IP family, and
+                       the per-service traffic policy both rule renderers follow
+    iptables.py        the iptables-restore input of the iptables proxier (pure)
+    nftables.py        the ``nft -f`` transaction of the nftables proxier (pure)
+    proxier.py         what the iptables and nftables modes share: the Mode bookkeeping
+                       (``Proxier``), the command ``Runner``, stale UDP conntrack clean-up
+    iptables_mode.py   ``lbctl run --mode iptables``: programs iptables.py's rules
+    nftables_mode.py   ``lbctl run --mode nftables``: programs nftables.py's transactions
+    probes.py          what kube-proxy detects on its node (--random-fully, nfacct, tcp_be_liberal)
+    ipvs/              ``lbctl run --mode ipvs``: desired state, rules, kernel interface, mode
+
+Nothing here touches the eBPF datapath or the layers above (agent, CLI); the test doubles (the
+iptables tracer, the fake IPVS kernel) live in ``lbctl.testing``. The renderers exported here
+(``render_iptables``, ``render_iptables_partial``, ``render_jump_chains``/``render_jump_rules``,
+``render_nftables``) touch no kernel.
 """
 from lbctl.datapath.kubeproxy.iptables import (
     IptablesConfig,
@@ -13,16 +24,13 @@ from lbctl.datapath.kubeproxy.iptables import (
     render_jump_rules,
 )
 from lbctl.datapath.kubeproxy.nftables import NftablesConfig, render_nftables
-from lbctl.testing.iptables_trace import Trace, trace_iptables
 
 __all__ = [
     "IptablesConfig",
     "NftablesConfig",
-    "Trace",
     "render_iptables",
     "render_iptables_partial",
     "render_jump_chains",
     "render_jump_rules",
     "render_nftables",
-    "trace_iptables",
 ]

@@ -4,8 +4,10 @@ kube-proxy (v1.32, ``pkg/proxy``) does not program Service objects directly: its
 trackers first turn each service port into a ``BaseServicePortInfo`` and each endpoint into a
 ``BaseEndpointInfo``, for one IP family, and ``CategorizeEndpoints`` then splits the endpoints
 into those used by Cluster and by Local traffic policy. Both proxiers build every rule from
-those. This module does the same from lbctl's ``ServicePortInfo``, so that the renderers can
-follow kube-proxy's ``syncProxyRules`` line by line without re-deriving policy in two places.
+those. This module does the same from lbctl's ``ServicePortInfo``, and decides once what both
+proxiers decide per service port before writing a rule (``service_policy``: which endpoints,
+reject or drop, what is masqueraded), so that the renderers can follow kube-proxy's
+``syncProxyRules`` line by line without re-deriving policy in two places.
 
 Everything here is pure and deterministic: where kube-proxy iterates a Go map (services,
 matching node IPs) we sort, so the same input always renders the same text.
@@ -13,6 +15,7 @@ matching node IPs) we sort, so the same input always renders the same text.
 from __future__ import annotations
 
 import base64
+import enum
 import hashlib
 import ipaddress
 from collections.abc import Iterable, Sequence
@@ -382,6 +385,118 @@ def proxied_ports(ports: Iterable[ServicePortInfo], family: int, node_name: str)
         result.append(ProxiedPort(view, endpoints, categorize_endpoints(view, endpoints)))
     result.sort(key=lambda p: (p.view.namespace, p.view.name, p.view.port_name, p.view.protocol))
     return result
+
+
+# --- per-service traffic policy ------------------------------------------------------------------
+
+
+class Verdict(enum.Enum):
+    """What happens to traffic for a service port that no endpoint serves."""
+
+    REJECT = "reject"       # no usable endpoint at all: TCP RST / ICMP port unreachable
+    DROP = "drop"           # endpoints, but none local where the traffic policy is Local
+
+
+class Masquerade(enum.Enum):
+    """Which traffic to a service address is marked for masquerade (SNAT to the node)."""
+
+    ALL = "all"                     # --masquerade-all, or external traffic with eTP=Cluster
+    OFF_CLUSTER = "off-cluster"     # to a cluster IP from outside the cluster CIDR
+    FROM_NODE = "from-node"         # eTP=Local: only the node's own connections (they use every endpoint)
+    NONE = "none"                   # no cluster CIDR: kube-proxy's no-op local detector
+
+
+@dataclass(frozen=True)
+class ServicePolicy:
+    """What syncProxyRules decides for one service port before it writes a rule, the same in the
+    iptables and the nftables proxier: which endpoints serve cluster and local traffic, whether
+    internal (cluster IP) and external (external, load-balancer IP, NodePort) traffic reaches an
+    endpoint or is rejected or dropped, and what is masqueraded. The renderers only name chains
+    and spell rules."""
+
+    has_endpoints: bool             # any usable endpoint (CategorizeEndpoints' hasAnyEndpoints)
+    has_internal: bool              # internal traffic reaches an endpoint
+    has_external: bool              # external traffic reaches an endpoint
+    internal_local: bool            # iTP=Local: internal traffic goes to the local endpoints
+    external_local: bool            # eTP=Local: external traffic goes to the local endpoints
+    uses_cluster_endpoints: bool    # the cluster endpoints are used (their chain is written)
+    uses_local_endpoints: bool      # the local endpoints are used (their chain is written)
+    uses_external_chain: bool       # external traffic passes a per-service chain first
+    internal_masquerade: Masquerade     # applies where has_internal
+    external_masquerade: Masquerade     # applies where uses_external_chain
+
+    @property
+    def no_endpoint_verdict(self) -> Verdict:
+        return Verdict.REJECT if not self.has_endpoints else Verdict.DROP
+
+    @property
+    def internal_verdict(self) -> Verdict | None:
+        """None when internal traffic reaches an endpoint, else what happens to it."""
+        return None if self.has_internal else self.no_endpoint_verdict
+
+    @property
+    def external_verdict(self) -> Verdict | None:
+        return None if self.has_external else self.no_endpoint_verdict
+
+
+@dataclass(frozen=True)
+class ServiceChains:
+    """The per-service chains of one service port, as both proxiers have them (the names are
+    each proxier's own), and which of them each traffic policy sends traffic to. Each renderer's
+    plan adds what it spells differently."""
+
+    policy: ServicePolicy
+    cluster_chain: str          # spreads over the cluster endpoints
+    local_chain: str            # spreads over the local endpoints
+    external_chain: str         # external traffic passes it first (masquerade, short-circuits)
+    firewall_chain: str         # loadBalancerSourceRanges
+    uses_firewall_chain: bool
+
+    @property
+    def internal_chain(self) -> str:
+        return self.local_chain if self.policy.internal_local else self.cluster_chain
+
+    @property
+    def external_policy_chain(self) -> str:
+        return self.local_chain if self.policy.external_local else self.cluster_chain
+
+
+def service_policy(port: ProxiedPort, masquerade_all: bool, detector: LocalDetector) -> ServicePolicy:
+    """The traffic policy of one service port (syncProxyRules' hasEndpoints/hasInternal/
+    hasExternal and usesClusterPolicyChain/usesLocalPolicyChain/usesExternalChain).
+
+    Traffic under a Local policy with no local endpoint is dropped, or rejected when the service
+    has no endpoint at all; external traffic with eTP=Cluster is masqueraded so that the reply
+    comes back through this node, as is cluster-IP traffic from off the cluster (or all of it
+    with --masquerade-all).
+    """
+    view, cats = port.view, port.categories
+    has_endpoints = cats.has_any
+    if masquerade_all:
+        internal = Masquerade.ALL
+    elif detector.implemented:
+        internal = Masquerade.OFF_CLUSTER
+    else:
+        internal = Masquerade.NONE
+    return ServicePolicy(
+        has_endpoints=has_endpoints,
+        has_internal=has_endpoints and not (view.internal_policy_local and not cats.local),
+        has_external=has_endpoints and not (view.external_policy_local and not cats.local),
+        internal_local=view.internal_policy_local,
+        external_local=view.external_policy_local,
+        uses_cluster_endpoints=bool(cats.cluster) and view.uses_cluster_endpoints,
+        uses_local_endpoints=bool(cats.local) and view.uses_local_endpoints,
+        uses_external_chain=has_endpoints and view.externally_accessible,
+        internal_masquerade=internal,
+        external_masquerade=Masquerade.FROM_NODE if view.external_policy_local else Masquerade.ALL,
+    )
+
+
+def source_ranges_admit_node(view: ServicePortView, node_ip: IPAddress | None) -> bool:
+    """Whether loadBalancerSourceRanges include the node's own IP. The node then reaches its own
+    load-balancer IPs too, and such a connection loops back with the load-balancer IP as its
+    source, so every proxier admits that source as well."""
+    return node_ip is not None and any(node_ip in cidr for cidr in view.load_balancer_source_ranges)
 
 
 def large_cluster_mode(ports: Sequence[ProxiedPort]) -> bool:

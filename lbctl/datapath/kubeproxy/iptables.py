@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from lbctl.datapath.kubeproxy import common
 from lbctl.datapath.kubeproxy.common import NodePortAddresses, NodeView, ProxiedPort
@@ -110,6 +111,35 @@ def _quoted(text: str) -> str:
     return f'"{text}"'
 
 
+# --- rules the IPVS proxier writes too --------------------------------------------------------
+
+
+def masquerade_rules(mark: str, random_fully: bool) -> list[str]:
+    """KUBE-POSTROUTING and KUBE-MARK-MASQ: a packet marked for masquerade is masqueraded on
+    its way out, the mark cleared first so that one re-traversing the stack is not masqueraded
+    twice. The same in the iptables and the IPVS proxier."""
+    return [
+        rule("-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
+        rule("-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark),
+        rule("-A", KUBE_POSTROUTING, "-m", "comment", "--comment",
+             _quoted("kubernetes service traffic requiring SNAT"), "-j", "MASQUERADE",
+             "--random-fully" if random_fully else ""),
+        rule("-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark),
+    ]
+
+
+def forward_accept_rules(mark: str) -> list[str]:
+    """KUBE-FORWARD's accepts of service traffic (marked) and of established flows, which later
+    FORWARD rules or a drop policy would otherwise stop. The same in the iptables and the IPVS
+    proxier."""
+    return [
+        rule("-A", KUBE_FORWARD, "-m", "comment", "--comment", _quoted("kubernetes forwarding rules"),
+             "-m", "mark", "--mark", f"{mark}/{mark}", "-j", "ACCEPT"),
+        rule("-A", KUBE_FORWARD, "-m", "comment", "--comment", _quoted("kubernetes forwarding conntrack rule"),
+             "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
+    ]
+
+
 # --- the sync context ----------------------------------------------------------------------------
 
 
@@ -167,10 +197,20 @@ class _Restore:
         return "\n".join(lines) + "\n"
 
 
+class _Lines(Protocol):
+    """A line buffer: a list, or a _Discard."""
+
+    def append(self, line: str, /) -> None: ...
+    def extend(self, lines: Iterable[str], /) -> None: ...
+
+
 class _Discard:
     """Where a partial sync sends the chains of unchanged services (NewDiscardLineBuffer)."""
 
-    def append(self, line: str) -> None:
+    def append(self, line: str, /) -> None:
+        pass
+
+    def extend(self, lines: Iterable[str], /) -> None:
         pass
 
 
@@ -293,16 +333,7 @@ def _write_base(restore: _Restore, sync: _Sync) -> None:
     for chain in (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ):
         restore.nat_chains.append(chain_line(chain))
 
-    mark = sync.mark
-    restore.nat_rules += [
-        rule("-A", KUBE_POSTROUTING, "-m", "mark", "!", "--mark", f"{mark}/{mark}", "-j", "RETURN"),
-        # Clear the mark so a packet that re-traverses the stack is not masqueraded twice.
-        rule("-A", KUBE_POSTROUTING, "-j", "MARK", "--xor-mark", mark),
-        rule("-A", KUBE_POSTROUTING, "-m", "comment", "--comment",
-             _quoted("kubernetes service traffic requiring SNAT"), "-j", "MASQUERADE",
-             "--random-fully" if sync.cfg.random_fully else ""),
-        rule("-A", KUBE_MARK_MASQ, "-j", "MARK", "--or-mark", mark),
-    ]
+    restore.nat_rules += masquerade_rules(sync.mark, sync.cfg.random_fully)
     if not sync.ipv6 and sync.localhost_nodeports:
         # route_localnet=1 (needed for NodePorts on 127.0.0.1) lets martian packets to 127/8
         # in from outside; kube-proxy (and kubelet) drop them here. https://issue.k8s.io/90259
@@ -314,58 +345,35 @@ def _write_base(restore: _Restore, sync: _Sync) -> None:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    """The per-service decisions of syncProxyRules: which chains, and what to do without endpoints."""
+class _Plan(common.ServiceChains):
+    """One service port's chains (see common.ServiceChains), and what iptables mode spells its own way."""
 
-    cluster_chain: str
-    local_chain: str
-    external_chain: str
-    firewall_chain: str
-    internal_chain: str
-    external_policy_chain: str
-    uses_cluster_chain: bool
-    uses_local_chain: bool
-    uses_external_chain: bool
-    uses_firewall_chain: bool
-    has_endpoints: bool
-    has_internal: bool
-    has_external: bool
     internal_filter: tuple[str, str]   # (target, comment) when internal traffic is not DNATed
     external_filter: tuple[str, str]
 
 
-def _plan(port: ProxiedPort) -> _Plan:
-    view, cats = port.view, port.categories
-    cluster_chain = service_chain(view, "KUBE-SVC-")
-    local_chain = service_chain(view, "KUBE-SVL-")
-    has_endpoints = cats.has_any
-    has_internal = has_endpoints and not (view.internal_policy_local and not cats.local)
-    has_external = has_endpoints and not (view.external_policy_local and not cats.local)
-    name = view.name_string
-    if not has_endpoints:
-        no_endpoints = ("REJECT", _quoted(f"{name} has no endpoints"))
-        internal_filter = external_filter = no_endpoints
-    else:
-        no_local = ("DROP", _quoted(f"{name} has no local endpoints"))
-        internal_filter = no_local if not has_internal else ("", "")
-        external_filter = no_local if not has_external else ("", "")
+def _filter(verdict: common.Verdict | None, name: str) -> tuple[str, str]:
+    """The filter-table (target, comment) for traffic no endpoint serves; ("", "") where one does."""
+    if verdict is common.Verdict.REJECT:
+        return "REJECT", _quoted(f"{name} has no endpoints")
+    if verdict is common.Verdict.DROP:
+        return "DROP", _quoted(f"{name} has no local endpoints")
+    return "", ""
+
+
+def _plan(port: ProxiedPort, sync: _Sync) -> _Plan:
+    view = port.view
+    policy = common.service_policy(port, sync.cfg.masquerade_all, sync.detector)
     return _Plan(
-        cluster_chain=cluster_chain,
-        local_chain=local_chain,
+        policy=policy,
+        cluster_chain=service_chain(view, "KUBE-SVC-"),
+        local_chain=service_chain(view, "KUBE-SVL-"),
         external_chain=service_chain(view, "KUBE-EXT-"),
         firewall_chain=service_chain(view, "KUBE-FW-"),
-        internal_chain=local_chain if view.internal_policy_local else cluster_chain,
-        external_policy_chain=local_chain if view.external_policy_local else cluster_chain,
-        uses_cluster_chain=bool(cats.cluster) and view.uses_cluster_endpoints,
-        uses_local_chain=bool(cats.local) and view.uses_local_endpoints,
-        uses_external_chain=has_endpoints and view.externally_accessible,
-        uses_firewall_chain=(has_endpoints and bool(view.load_balancer_vips)
+        uses_firewall_chain=(policy.has_endpoints and bool(view.load_balancer_vips)
                              and bool(view.load_balancer_source_ranges)),
-        has_endpoints=has_endpoints,
-        has_internal=has_internal,
-        has_external=has_external,
-        internal_filter=internal_filter,
-        external_filter=external_filter,
+        internal_filter=_filter(policy.internal_verdict, view.name_string),
+        external_filter=_filter(policy.external_verdict, view.name_string),
     )
 
 
@@ -374,11 +382,11 @@ def _write_services(restore: _Restore, ports: Sequence[ProxiedPort], sync: _Sync
     """Rules for every service port; returns the per-service chains in use (activeNATChains)."""
     active: set[str] = set()
     for port in ports:
-        plan = _plan(port)
+        plan = _plan(port, sync)
         _write_service_dispatch(restore, port, plan, sync)
         skip = changed is not None and port.view.service_key not in changed
-        chains = _Discard() if skip else restore.nat_chains
-        rules = _Discard() if skip else restore.nat_rules
+        chains: _Lines = _Discard() if skip else restore.nat_chains
+        rules: _Lines = _Discard() if skip else restore.nat_rules
         active |= _write_service_chains(chains, rules, port, plan, sync)
     return active
 
@@ -395,7 +403,7 @@ def _write_service_dispatch(restore: _Restore, port: ProxiedPort, plan: _Plan, s
     nat, filt = restore.nat_rules, restore.filter_rules
 
     # Capture the clusterIP.
-    if plan.has_internal:
+    if plan.policy.has_internal:
         nat.append(rule("-A", KUBE_SERVICES, "-m", "comment", "--comment", _quoted(f"{name} cluster IP"),
                         *_dport_match(view, view.cluster_ip, view.port), "-j", plan.internal_chain))
     else:
@@ -405,23 +413,23 @@ def _write_service_dispatch(restore: _Restore, port: ProxiedPort, plan: _Plan, s
 
     # Capture externalIPs.
     for external_ip in view.external_ips:
-        if plan.has_endpoints:
+        if plan.policy.has_endpoints:
             nat.append(rule("-A", KUBE_SERVICES, "-m", "comment", "--comment", _quoted(f"{name} external IP"),
                             *_dport_match(view, external_ip, view.port), "-j", plan.external_chain))
-        if not plan.has_external:
+        if not plan.policy.has_external:
             filt.append(_external_filter_rule(view, plan, _dport_match(view, external_ip, view.port)))
 
     # Capture load-balancer ingress.
     lb_target = plan.firewall_chain if plan.uses_firewall_chain else plan.external_chain
     for lb_ip in view.load_balancer_vips:
-        if plan.has_endpoints:
+        if plan.policy.has_endpoints:
             nat.append(rule("-A", KUBE_SERVICES, "-m", "comment", "--comment", _quoted(f"{name} loadbalancer IP"),
                             *_dport_match(view, lb_ip, view.port), "-j", lb_target))
         if plan.uses_firewall_chain:
             filt.append(rule("-A", KUBE_PROXY_FIREWALL, "-m", "comment", "--comment",
                              _quoted(f"{name} traffic not accepted by {plan.firewall_chain}"),
                              *_dport_match(view, lb_ip, view.port), "-j", "DROP"))
-    if not plan.has_external:
+    if not plan.policy.has_external:
         for lb_ip in view.load_balancer_vips:
             filt.append(_external_filter_rule(view, plan, _dport_match(view, lb_ip, view.port)))
 
@@ -443,7 +451,7 @@ def _external_filter_rule(view: common.ServicePortView, plan: _Plan, match: list
 
 def _write_nodeport_dispatch(restore: _Restore, view: common.ServicePortView, plan: _Plan, sync: _Sync) -> None:
     name, node_port = view.name_string, str(view.node_port)
-    if plan.has_endpoints:
+    if plan.policy.has_endpoints:
         if sync.localhost_nodeport_accounting:
             restore.nat_rules.append(rule(
                 "-A", KUBE_NODEPORTS, "-m", "comment", "--comment", name,
@@ -452,7 +460,7 @@ def _write_nodeport_dispatch(restore: _Restore, view: common.ServicePortView, pl
         restore.nat_rules.append(rule(
             "-A", KUBE_NODEPORTS, "-m", "comment", "--comment", name,
             "-m", view.protocol, "-p", view.protocol, "--dport", node_port, "-j", plan.external_chain))
-    if not plan.has_external:
+    if not plan.policy.has_external:
         target, comment = plan.external_filter
         restore.filter_rules.append(rule(
             "-A", KUBE_EXTERNAL_SERVICES, "-m", "comment", "--comment", comment,
@@ -460,50 +468,39 @@ def _write_nodeport_dispatch(restore: _Restore, view: common.ServicePortView, pl
             "--dport", node_port, "-j", target))
 
 
-def _write_service_chains(chains, rules, port: ProxiedPort, plan: _Plan, sync: _Sync) -> set[str]:
+def _write_service_chains(chains: _Lines, rules: _Lines, port: ProxiedPort, plan: _Plan,
+                          sync: _Sync) -> set[str]:
     """The KUBE-SVC/SVL/EXT/FW/SEP chains of one service port; returns their names."""
     view, cats = port.view, port.categories
     active: set[str] = set()
 
-    if plan.has_internal:
+    def write_chain(chain: str, lines: Iterable[str]) -> None:
+        chains.append(chain_line(chain))
+        active.add(chain)
+        rules.extend(lines)
+
+    if plan.policy.has_internal:
         match = ["-m", "comment", "--comment", _quoted(f"{view.name_string} cluster IP"),
                  *_dport_match(view, view.cluster_ip, view.port)]
-        if sync.cfg.masquerade_all:
+        masquerade = plan.policy.internal_masquerade
+        if masquerade is common.Masquerade.ALL:
             rules.append(rule("-A", plan.internal_chain, *match, "-j", KUBE_MARK_MASQ))
-        elif sync.detector.implemented:
+        elif masquerade is common.Masquerade.OFF_CLUSTER:
             # Masquerade off-cluster traffic to the VIP: it may be bridged off-node.
             rules.append(rule("-A", plan.internal_chain, *match, "!", "-s", str(sync.detector.cidr),
                               "-j", KUBE_MARK_MASQ))
 
-    if plan.uses_external_chain:
-        chains.append(chain_line(plan.external_chain))
-        active.add(plan.external_chain)
-        for line in _external_chain_rules(view, plan, sync):
-            rules.append(line)
-
+    if plan.policy.uses_external_chain:
+        write_chain(plan.external_chain, _external_chain_rules(view, plan, sync))
     if plan.uses_firewall_chain:
-        chains.append(chain_line(plan.firewall_chain))
-        active.add(plan.firewall_chain)
-        for line in _firewall_chain_rules(view, plan, sync):
-            rules.append(line)
-
-    if plan.uses_cluster_chain:
-        chains.append(chain_line(plan.cluster_chain))
-        active.add(plan.cluster_chain)
-        for line in _service_to_endpoint_rules(view, plan.cluster_chain, cats.cluster, sync):
-            rules.append(line)
-    if plan.uses_local_chain:
-        chains.append(chain_line(plan.local_chain))
-        active.add(plan.local_chain)
-        for line in _service_to_endpoint_rules(view, plan.local_chain, cats.local, sync):
-            rules.append(line)
-
+        write_chain(plan.firewall_chain, _firewall_chain_rules(view, plan, sync))
+    if plan.policy.uses_cluster_endpoints:
+        write_chain(plan.cluster_chain, _service_to_endpoint_rules(view, plan.cluster_chain, cats.cluster, sync))
+    if plan.policy.uses_local_endpoints:
+        write_chain(plan.local_chain, _service_to_endpoint_rules(view, plan.local_chain, cats.local, sync))
     for endpoint in cats.all_reachable:
         chain = endpoint_chain(view, endpoint)
-        chains.append(chain_line(chain))
-        active.add(chain)
-        for line in _endpoint_chain_rules(view, endpoint, chain, sync):
-            rules.append(line)
+        write_chain(chain, _endpoint_chain_rules(view, endpoint, chain, sync))
     return active
 
 
@@ -511,7 +508,7 @@ def _external_chain_rules(view: common.ServicePortView, plan: _Plan, sync: _Sync
     """KUBE-EXT: masquerade (eTP=Cluster), or the eTP=Local short-circuits, then the policy chain."""
     name, chain = view.name_string, plan.external_chain
     lines = []
-    if not view.external_policy_local:
+    if plan.policy.external_masquerade is common.Masquerade.ALL:
         # Endpoints may be on other nodes: masquerade so replies come back through us.
         lines.append(rule("-A", chain, "-m", "comment", "--comment",
                           _quoted(f"masquerade traffic for {name} external destinations"), "-j", KUBE_MARK_MASQ))
@@ -528,7 +525,7 @@ def _external_chain_rules(view: common.ServicePortView, plan: _Plan, sync: _Sync
         lines.append(rule("-A", chain, "-m", "comment", "--comment",
                           _quoted(f"route LOCAL traffic for {name} external destinations"),
                           "-m", "addrtype", "--src-type", "LOCAL", "-j", plan.cluster_chain))
-    if plan.has_external:
+    if plan.policy.has_external:
         lines.append(rule("-A", chain, "-j", plan.external_policy_chain))
     return lines
 
@@ -536,13 +533,8 @@ def _external_chain_rules(view: common.ServicePortView, plan: _Plan, sync: _Sync
 def _firewall_chain_rules(view: common.ServicePortView, plan: _Plan, sync: _Sync) -> list[str]:
     """KUBE-FW: accept loadBalancerSourceRanges; the rest falls through to KUBE-PROXY-FIREWALL."""
     head = ["-A", plan.firewall_chain, "-m", "comment", "--comment", _quoted(f"{view.name_string} loadbalancer IP")]
-    lines = []
-    allow_from_node = False
-    for cidr in view.load_balancer_source_ranges:
-        lines.append(rule(*head, "-s", str(cidr), "-j", plan.external_chain))
-        if sync.node.node_ip is not None and sync.node.node_ip in cidr:
-            allow_from_node = True
-    if allow_from_node:
+    lines = [rule(*head, "-s", str(cidr), "-j", plan.external_chain) for cidr in view.load_balancer_source_ranges]
+    if common.source_ranges_admit_node(view, sync.node.node_ip):
         # A node connecting to its own LB VIP loops back with the VIP as source.
         for lb_ip in view.load_balancer_vips:
             lines.append(rule(*head, "-s", lb_ip, "-j", plan.external_chain))
@@ -613,9 +605,4 @@ def _write_forward_rules(restore: _Restore, sync: _Sync) -> None:
         accounting = ["-m", "nfacct", "--nfacct-name", NFACCT_CT_INVALID] if sync.cfg.nfacct else []
         restore.filter_rules.append(rule("-A", KUBE_FORWARD, "-m", "conntrack", "--ctstate", "INVALID",
                                          *accounting, "-j", "DROP"))
-    restore.filter_rules.append(rule("-A", KUBE_FORWARD, "-m", "comment", "--comment",
-                                     _quoted("kubernetes forwarding rules"),
-                                     "-m", "mark", "--mark", f"{sync.mark}/{sync.mark}", "-j", "ACCEPT"))
-    restore.filter_rules.append(rule("-A", KUBE_FORWARD, "-m", "comment", "--comment",
-                                     _quoted("kubernetes forwarding conntrack rule"),
-                                     "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"))
+    restore.filter_rules += forward_accept_rules(sync.mark)

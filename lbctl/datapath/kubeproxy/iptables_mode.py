@@ -17,13 +17,16 @@ in the built-in chains, then its chains in the nat and filter tables, for IPv4 a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shlex
 from collections.abc import Sequence
+from typing import Any
 
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import iptables as rules
+from lbctl.datapath.kubeproxy import probes
 from lbctl.datapath.kubeproxy.iptables import IptablesConfig, render_iptables, render_iptables_partial
 from lbctl.datapath.kubeproxy.proxier import HostRunner, Proxier, ProxierOptions, Runner, SyncFailed
 from lbctl.model.objects import ServicePortInfo
@@ -50,7 +53,7 @@ def is_ours(table: str, chain: str) -> bool:
     return table == "nat" and chain.startswith(SERVICE_CHAIN_PREFIXES)
 
 
-class IptablesMode(Proxier):
+class IptablesMode(Proxier[IptablesConfig]):
     """kube-proxy's iptables proxier (IPv4)."""
 
     name = "iptables"
@@ -61,18 +64,15 @@ class IptablesMode(Proxier):
         self.restores = 0          # transactions applied, for tests and dumps
 
     def _check(self) -> None:
-        done = self.runner.run(["iptables-save", "-t", "nat"])
-        if not done.ok:
-            raise DatapathError(f"iptables mode: {done.error(['iptables-save', '-t', 'nat'])}; "
-                                f"install iptables (apt-get install iptables) or use --mode ebpf")
+        self._require(["iptables-save", "-t", "nat"], package="iptables")
 
     def _apply(self, ports: Sequence[ServicePortInfo], full: bool) -> None:
-        if full:
+        if not full and self.applied is not None:
+            text = render_iptables_partial(self.applied, ports, self.cfg)
+        else:
             self._ensure_jump_rules()
             existing = parse_save(self._must(["iptables-save", "-t", "nat"]).stdout).get("nat", {})
             text = render_iptables(ports, self.cfg, existing_chains=existing.get("chains", ()))
-        else:
-            text = render_iptables_partial(self.applied, ports, self.cfg)
         self._must(["iptables-restore", *RESTORE_FLAGS], input=text)
         self.restores += 1
 
@@ -92,19 +92,19 @@ class IptablesMode(Proxier):
 
     # --- reading back --------------------------------------------------------------------------
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, Any]:
         """kube-proxy's chains and the jump rules into them, as iptables-save prints them."""
-        tables = parse_save(self.runner.run(["iptables-save"]).stdout)
-        out = {"mode": self.name, "full_syncs": self.full_syncs, "partial_syncs": self.partial_syncs,
-               "tables": {}}
+        saved_tables = parse_save(self.runner.run(["iptables-save"]).stdout)
+        tables: dict[str, dict[str, list[str]]] = {}
         for table in ("filter", "nat"):
-            saved = tables.get(table, {"chains": [], "rules": []})
+            saved = saved_tables.get(table, {"chains": [], "rules": []})
             ours = [c for c in saved["chains"] if is_ours(table, c)]
             lines = [r for r in saved["rules"] if is_ours(table, _chain_of(r)) or
                      (_chain_of(r) in BUILTIN_CHAINS and is_ours(table, _target_of(r) or ""))]
-            out["tables"][table] = {"chains": ours, "rules": lines}
-        out["services"] = sum(1 for c in out["tables"]["nat"]["chains"] if c.startswith("KUBE-SVC-"))
-        return out
+            tables[table] = {"chains": ours, "rules": lines}
+        return {"mode": self.name, "full_syncs": self.full_syncs, "partial_syncs": self.partial_syncs,
+                "tables": tables,
+                "services": sum(1 for c in tables["nat"]["chains"] if c.startswith("KUBE-SVC-"))}
 
     # --- cleanup -------------------------------------------------------------------------------
 
@@ -228,17 +228,14 @@ def cleanup_restore(tables: dict[str, dict[str, list[str]]], binary: str = "ipta
 
 def config_from(node_name: str, node_ips: Sequence[str], cluster_cidr: str | None = None,
                 masquerade_all: bool = False, nodeport_addresses: Sequence[str] = (),
-                **overrides) -> IptablesConfig:
-    """IptablesConfig with the host probes render_cmd uses (random-fully, tcp_be_liberal).
+                **overrides: Any) -> IptablesConfig:
+    """IptablesConfig with what kube-proxy detects on this host (random-fully, tcp_be_liberal).
 
     nfacct is off: kube-proxy adds ``-m nfacct`` only after creating its two nfacct counters
     over netlink, and lbctl does not create them (kube-proxy's own fallback when that fails).
     """
-    from lbctl.cli import render as render_cmd
-
-    values = dict(node_name=node_name, node_ips=tuple(node_ips), cluster_cidr=cluster_cidr,
-                  masquerade_all=masquerade_all, nodeport_addresses=tuple(nodeport_addresses),
-                  random_fully=render_cmd.probe_random_fully(), nfacct=False,
-                  tcp_be_liberal=render_cmd.probe_tcp_be_liberal())
-    values.update(overrides)
-    return IptablesConfig(**values)
+    cfg = IptablesConfig(node_name=node_name, node_ips=tuple(node_ips), cluster_cidr=cluster_cidr,
+                         masquerade_all=masquerade_all, nodeport_addresses=tuple(nodeport_addresses),
+                         random_fully=probes.probe_random_fully(), nfacct=False,
+                         tcp_be_liberal=probes.probe_tcp_be_liberal())
+    return dataclasses.replace(cfg, **overrides)

@@ -121,7 +121,7 @@ def endpoint_chain_base(view: common.ServicePortView, endpoint: common.EndpointV
     return hash_and_truncate(f"{view.namespace}/{view.name}/{view.protocol}/{view.port_name}__{ip}/{endpoint.port}")
 
 
-def concat(*parts) -> str:
+def concat(*parts: object) -> str:
     """knftables.Concat: words joined by spaces, except that "@" sticks to the next word."""
     words: list[str] = []
     for part in parts:
@@ -399,49 +399,29 @@ def _setup_dispatch(sync: _Sync) -> None:
 
 
 @dataclass(frozen=True)
-class _Plan:
-    cluster_chain: str
-    local_chain: str
-    external_chain: str
-    firewall_chain: str
-    internal_chain: str
-    external_policy_chain: str
-    uses_cluster_chain: bool
-    uses_local_chain: bool
-    uses_external_chain: bool
-    uses_firewall_chain: bool
-    has_endpoints: bool
-    has_internal: bool
-    has_external: bool
-    internal_verdict: str     # for @no-endpoint-services when internal traffic has no endpoints
-    external_verdict: str
+class _Plan(common.ServiceChains):
+    """One service port's chains (see common.ServiceChains), and what nftables mode spells its own way."""
+
+    no_endpoint_verdict: str    # in @no-endpoint-services/-nodeports where no endpoint serves
 
 
-def _plan(port: ProxiedPort) -> _Plan:
-    view, cats = port.view, port.categories
+# The vmap verdicts of @no-endpoint-services and @no-endpoint-nodeports.
+_VERDICTS = {common.Verdict.REJECT: f"goto {REJECT_CHAIN}", common.Verdict.DROP: "drop"}
+
+
+def _plan(port: ProxiedPort, sync: _Sync) -> _Plan:
+    view = port.view
+    policy = common.service_policy(port, sync.cfg.masquerade_all, sync.detector)
     base = service_chain_base(view)
-    cluster_chain, local_chain = "service-" + base, "local-" + base
-    has_endpoints = cats.has_any
-    has_internal = has_endpoints and not (view.internal_policy_local and not cats.local)
-    has_external = has_endpoints and not (view.external_policy_local and not cats.local)
-    reject = f"goto {REJECT_CHAIN}"
     return _Plan(
-        cluster_chain=cluster_chain,
-        local_chain=local_chain,
+        policy=policy,
+        cluster_chain="service-" + base,
+        local_chain="local-" + base,
         external_chain="external-" + base,
         firewall_chain="firewall-" + base,
-        internal_chain=local_chain if view.internal_policy_local else cluster_chain,
-        external_policy_chain=local_chain if view.external_policy_local else cluster_chain,
-        uses_cluster_chain=bool(cats.cluster) and view.uses_cluster_endpoints,
-        uses_local_chain=bool(cats.local) and view.uses_local_endpoints,
-        uses_external_chain=has_endpoints and view.externally_accessible,
         # Unlike iptables mode, the firewall applies whether or not there are endpoints.
         uses_firewall_chain=bool(view.load_balancer_vips) and bool(view.load_balancer_source_ranges),
-        has_endpoints=has_endpoints,
-        has_internal=has_internal,
-        has_external=has_external,
-        internal_verdict=reject if not has_endpoints else "drop",
-        external_verdict=reject if not has_endpoints else "drop",
+        no_endpoint_verdict=_VERDICTS[policy.no_endpoint_verdict],
     )
 
 
@@ -455,20 +435,20 @@ def _affinity_set(view: common.ServicePortView, endpoint: common.EndpointView) -
 
 def _write_service(sync: _Sync, port: ProxiedPort) -> None:
     view, cats = port.view, port.categories
-    plan = _plan(port)
+    plan = _plan(port, sync)
     for endpoint in cats.all_reachable:
         sync.ensure_chain(_endpoint_chain(view, endpoint))
-    if plan.uses_cluster_chain:
+    if plan.policy.uses_cluster_endpoints:
         sync.ensure_chain(plan.cluster_chain)
-    if plan.uses_local_chain:
+    if plan.policy.uses_local_endpoints:
         sync.ensure_chain(plan.local_chain)
-    if plan.uses_external_chain:
+    if plan.policy.uses_external_chain:
         sync.ensure_chain(plan.external_chain)
     _write_service_elements(sync, port, plan)
 
-    if plan.has_internal:
+    if plan.policy.has_internal:
         _write_internal_masquerade(sync, view, plan)
-    if plan.uses_external_chain:
+    if plan.policy.uses_external_chain:
         _write_external_chain(sync, view, plan)
     if plan.uses_firewall_chain:
         _write_firewall_chain(sync, view, plan)
@@ -476,9 +456,9 @@ def _write_service(sync: _Sync, port: ProxiedPort) -> None:
         for endpoint in cats.all_reachable:
             sync.tx.add_set("set", _affinity_set(view, endpoint), sync.addr_type,
                             flags=("dynamic", "timeout"), timeout=view.sticky_seconds)
-    if plan.uses_cluster_chain:
+    if plan.policy.uses_cluster_endpoints:
         _write_service_to_endpoint_rules(sync, view, plan.cluster_chain, cats.cluster)
-    if plan.uses_local_chain:
+    if plan.policy.uses_local_endpoints:
         _write_service_to_endpoint_rules(sync, view, plan.local_chain, cats.local)
     for endpoint in cats.all_reachable:
         _write_endpoint_chain(sync, view, endpoint)
@@ -491,48 +471,49 @@ def _write_service_elements(sync: _Sync, port: ProxiedPort, plan: _Plan) -> None
     proto, svc_port = view.protocol, str(view.port)
 
     el[CLUSTER_IPS].ensure(tx, [view.cluster_ip])
-    if plan.has_internal:
+    if plan.policy.has_internal:
         el[SERVICE_IPS].ensure(tx, [view.cluster_ip, proto, svc_port], f"goto {plan.internal_chain}")
     else:
-        el[NO_ENDPOINT_SERVICES].ensure(tx, [view.cluster_ip, proto, svc_port], plan.internal_verdict, name)
+        el[NO_ENDPOINT_SERVICES].ensure(tx, [view.cluster_ip, proto, svc_port], plan.no_endpoint_verdict, name)
 
     for external_ip in view.external_ips:
-        if plan.has_endpoints:
+        if plan.policy.has_endpoints:
             el[SERVICE_IPS].ensure(tx, [external_ip, proto, svc_port], f"goto {plan.external_chain}")
-        if not plan.has_external:
-            el[NO_ENDPOINT_SERVICES].ensure(tx, [external_ip, proto, svc_port], plan.external_verdict, name)
+        if not plan.policy.has_external:
+            el[NO_ENDPOINT_SERVICES].ensure(tx, [external_ip, proto, svc_port], plan.no_endpoint_verdict, name)
 
     if plan.uses_firewall_chain:
         sync.ensure_chain(plan.firewall_chain)
     for lb_ip in view.load_balancer_vips:
-        if plan.has_endpoints:
+        if plan.policy.has_endpoints:
             el[SERVICE_IPS].ensure(tx, [lb_ip, proto, svc_port], f"goto {plan.external_chain}")
         if plan.uses_firewall_chain:
             el[FIREWALL_IPS].ensure(tx, [lb_ip, proto, svc_port], f"goto {plan.firewall_chain}")
-    if not plan.has_external:
+    if not plan.policy.has_external:
         for lb_ip in view.load_balancer_vips:
-            el[NO_ENDPOINT_SERVICES].ensure(tx, [lb_ip, proto, svc_port], plan.external_verdict, name)
+            el[NO_ENDPOINT_SERVICES].ensure(tx, [lb_ip, proto, svc_port], plan.no_endpoint_verdict, name)
 
     if view.node_port:
         node_port = str(view.node_port)
-        if plan.has_endpoints:
+        if plan.policy.has_endpoints:
             el[SERVICE_NODEPORTS].ensure(tx, [proto, node_port], f"goto {plan.external_chain}")
-        if not plan.has_external:
-            el[NO_ENDPOINT_NODEPORTS].ensure(tx, [proto, node_port], plan.external_verdict, name)
+        if not plan.policy.has_external:
+            el[NO_ENDPOINT_NODEPORTS].ensure(tx, [proto, node_port], plan.no_endpoint_verdict, name)
 
 
 def _write_internal_masquerade(sync: _Sync, view: common.ServicePortView, plan: _Plan) -> None:
     match = concat(sync.ip, "daddr", view.cluster_ip, view.protocol, "dport", view.port)
-    if sync.cfg.masquerade_all:
+    masquerade = plan.policy.internal_masquerade
+    if masquerade is common.Masquerade.ALL:
         sync.tx.add_rule(plan.internal_chain, concat(match, "jump", MARK_MASQ))
-    elif sync.detector.implemented:
+    elif masquerade is common.Masquerade.OFF_CLUSTER:
         # Masquerade off-cluster traffic to the VIP: it may be bridged off-node.
         sync.tx.add_rule(plan.internal_chain, concat(match, sync.if_not_local(), "jump", MARK_MASQ))
 
 
 def _write_external_chain(sync: _Sync, view: common.ServicePortView, plan: _Plan) -> None:
     tx, chain = sync.tx, plan.external_chain
-    if not view.external_policy_local:
+    if plan.policy.external_masquerade is common.Masquerade.ALL:
         tx.add_rule(chain, concat("jump", MARK_MASQ))
     else:
         if sync.detector.implemented:
@@ -542,20 +523,17 @@ def _write_external_chain(sync: _Sync, view: common.ServicePortView, plan: _Plan
                     comment="masquerade local traffic")
         tx.add_rule(chain, concat("fib", "saddr", "type", "local", "goto", plan.cluster_chain),
                     comment="short-circuit local traffic")
-    if plan.has_external:
+    if plan.policy.has_external:
         tx.add_rule(chain, concat("goto", plan.external_policy_chain))
 
 
 def _write_firewall_chain(sync: _Sync, view: common.ServicePortView, plan: _Plan) -> None:
     sources: list[str] = []
-    allow_from_node = False
     for cidr in view.load_balancer_source_ranges:
         if sources:
             sources.append(",")
         sources.append(str(cidr))
-        if sync.node.node_ip is not None and sync.node.node_ip in cidr:
-            allow_from_node = True
-    if allow_from_node:
+    if common.source_ranges_admit_node(view, sync.node.node_ip):
         # A node connecting to its own LB VIP loops back with the VIP as source.
         for lb_ip in view.load_balancer_vips:
             sources += [",", lb_ip]

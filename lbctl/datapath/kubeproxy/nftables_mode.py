@@ -26,8 +26,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from lbctl.datapath.base import DatapathError
 from lbctl.datapath.kubeproxy import common
@@ -148,13 +149,13 @@ def without_base_chain_reset(text: str) -> str:
     return "".join(line + "\n" for line in text.splitlines() if line not in reset)
 
 
-class NftablesMode(Proxier):
+class NftablesMode(Proxier[NftablesConfig]):
     """kube-proxy's nftables proxier (IPv4)."""
 
     name = "nftables"
 
     def __init__(self, cfg: NftablesConfig, options: ProxierOptions = ProxierOptions(),
-                 runner: Runner | None = None, clock=time.monotonic):
+                 runner: Runner | None = None, clock: Callable[[], float] = time.monotonic):
         super().__init__(cfg, options, runner)
         self.clock = clock
         self.rendered: Rendered | None = None     # what the last successful sync left
@@ -163,28 +164,26 @@ class NftablesMode(Proxier):
         self.transactions: list[str] = []         # the last few transactions, for tests and dumps
 
     def _check(self) -> None:
-        done = self.runner.run(["nft", "list", "tables"])
-        if not done.ok:
-            raise DatapathError(f"nftables mode: {done.error(['nft', 'list', 'tables'])}; install "
-                                f"nftables (apt-get install nftables) or use --mode ebpf")
+        self._require(["nft", "list", "tables"], package="nftables")
 
     def _apply(self, ports: Sequence[ServicePortInfo], full: bool) -> None:
         self.delete_stale_chains()
         text = render_nftables(ports, self.cfg)
         new = Rendered.parse(text)
-        if not full and self.rendered is not None and self.rendered.setup != new.setup:
-            full = True    # something beyond services changed: rewrite everything
-        if full:
+        old, applied = self.rendered, self.applied
+        if not full and old is not None and applied is not None and old.setup == new.setup:
+            node = self.cfg.node_name
+            changed = common.changed_services(common.proxied_ports(applied, self.family, node),
+                                              common.proxied_ports(ports, self.family, node))
+            lines, stale = partial_transaction(old, new, changed)
+        else:
+            # Asked for, or nothing to diff against, or something beyond services changed.
+            full = True
             if self.base_chains_reset:
                 text = without_base_chain_reset(text)
             lines, stale = [text.rstrip("\n")], self._stale_in_kernel(new)
             lines += [f"flush chain {PREFIX}{chain}" for chain in stale]
             lines += [f"delete set {PREFIX}{name}" for name in self._stale_affinity_sets(new)]
-        else:
-            node = self.cfg.node_name
-            changed = common.changed_services(common.proxied_ports(self.applied, 4, node),
-                                              common.proxied_ports(ports, 4, node))
-            lines, stale = partial_transaction(self.rendered, new, changed)
         transaction = "\n".join(lines) + "\n" if lines else ""
         if transaction:
             self._must(["nft", "-f", "-"], input=transaction)
@@ -242,7 +241,7 @@ class NftablesMode(Proxier):
 
     # --- reading back --------------------------------------------------------------------------
 
-    def dump(self) -> dict:
+    def dump(self) -> dict[str, Any]:
         done = self.runner.run(["nft", "list", "table", FAMILY, TABLE])
         text = done.stdout if done.ok else ""
         chains = re.findall(r"^\tchain (\S+) \{", text, flags=re.M)
@@ -272,7 +271,7 @@ class NftablesMode(Proxier):
 
 def config_from(node_name: str, node_ips: Sequence[str], cluster_cidr: str | None = None,
                 masquerade_all: bool = False, nodeport_addresses: Sequence[str] = (),
-                **overrides) -> NftablesConfig:
+                **overrides: Any) -> NftablesConfig:
     return NftablesConfig(node_name=node_name, node_ips=tuple(node_ips), cluster_cidr=cluster_cidr,
                           masquerade_all=masquerade_all, nodeport_addresses=tuple(nodeport_addresses),
                           **overrides)

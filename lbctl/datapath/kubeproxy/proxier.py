@@ -20,10 +20,9 @@ import socket
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
-from lbctl.datapath.base import SyncResult
-from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError, SyncResult, cleanup_other_modes
 from lbctl.datapath.kubeproxy import common
 from lbctl.model.objects import Problem, ServicePortInfo
 
@@ -147,12 +146,12 @@ def stale_udp_conntrack(previous: Sequence[ServicePortInfo], current: Sequence[S
                 for vip in (view.cluster_ip, *view.external_ips, *view.load_balancer_vips):
                     commands.append(_conntrack("--orig-dst", vip, "--dst-nat", ep.ip))
 
-    for key, new in after.items():
-        old = before.get(key)
-        if new.categories.has_any and not (old is not None and old.categories.has_any):
-            ips += [new.view.cluster_ip, *new.view.external_ips, *new.view.load_balancer_vips]
-            if new.view.node_port:
-                node_ports.append(new.view.node_port)
+    for key, port in after.items():
+        was = before.get(key)
+        if port.categories.has_any and not (was is not None and was.categories.has_any):
+            ips += [port.view.cluster_ip, *port.view.external_ips, *port.view.load_balancer_vips]
+            if port.view.node_port:
+                node_ports.append(port.view.node_port)
 
     commands += [_conntrack("--orig-dst", ip) for ip in dict.fromkeys(ips)]
     commands += [_conntrack("--dport", str(port)) for port in dict.fromkeys(node_ports)]
@@ -197,10 +196,24 @@ class ProxierOptions:
     """
 
     full_sync_every: int = 10
-    ebpf_pin_dir: str = ebpf.DEFAULT_PIN_DIR
+    ebpf_pin_dir: str = DEFAULT_PIN_DIR
 
 
-class Proxier(abc.ABC):
+class ProxierConfig(Protocol):
+    """What Proxier reads of a mode's configuration (IptablesConfig, NftablesConfig)."""
+
+    @property
+    def node_name(self) -> str: ...
+    @property
+    def node_ips(self) -> tuple[str, ...]: ...
+    @property
+    def cluster_cidr(self) -> str | None: ...
+
+
+ConfigT = TypeVar("ConfigT", bound=ProxierConfig)
+
+
+class Proxier(abc.ABC, Generic[ConfigT]):
     """The bookkeeping both kube-proxy modes share; subclasses write the rules.
 
     A subclass sets ``name`` and implements ``_check()`` (raise DatapathError if the host cannot
@@ -211,7 +224,7 @@ class Proxier(abc.ABC):
     name = "kube-proxy"
     family = 4                      # lbctl runs kube-proxy's IPv4 proxier
 
-    def __init__(self, cfg, options: ProxierOptions = ProxierOptions(), runner: Runner | None = None):
+    def __init__(self, cfg: ConfigT, options: ProxierOptions = ProxierOptions(), runner: Runner | None = None):
         self.cfg = cfg
         self.options = options
         self.runner = runner or HostRunner()
@@ -227,8 +240,6 @@ class Proxier(abc.ABC):
     def start(self) -> None:
         """Checks the host, then removes what the other datapath modes left on this node."""
         self._check()
-        from lbctl.datapath.base import cleanup_other_modes
-
         cleanup_other_modes(self.name, self.options.ebpf_pin_dir)
         log.info("%s mode started (node %s, node IPs %s, cluster CIDR %s)", self.name,
                  self.cfg.node_name, ",".join(self.cfg.node_ips) or "none",
@@ -245,18 +256,23 @@ class Proxier(abc.ABC):
     def needs_retry(self) -> bool:
         return self.dirty
 
+    def resync(self) -> SyncResult:
+        """The agent's --sync-period (kube-proxy's syncPeriod): a full sync of the last desired
+        state, which rewrites whatever changed in the kernel behind our back."""
+        return self.sync(None, full=True)
+
     # --- sync --------------------------------------------------------------------------------------
 
-    def sync(self, ports: Sequence[ServicePortInfo] | None = None) -> SyncResult:
+    def sync(self, ports: Sequence[ServicePortInfo] | None = None, full: bool = False) -> SyncResult:
         """Programs ``ports``; with None, retries the last desired state (after a failed sync).
 
-        Full when the kernel state is unknown (first sync, after a failure) and every
+        Full when asked, when the kernel state is unknown (first sync, after a failure) and every
         ``full_sync_every``-th sync; partial otherwise.
         """
         if ports is not None:
             self.desired = tuple(ports)
             self.problems = unsupported(self.desired, self.name)
-        full = (self.applied is None or self.dirty
+        full = (full or self.applied is None or self.dirty
                 or self.partial_syncs + 1 >= self.options.full_sync_every)
         try:
             self._apply(self.desired, full)
@@ -287,6 +303,23 @@ class Proxier(abc.ABC):
     def _apply(self, ports: Sequence[ServicePortInfo], full: bool) -> None:
         """Programs `ports` (a full or a partial sync); raises SyncFailed."""
 
+    @abc.abstractmethod
+    def dump(self) -> dict[str, Any]:
+        """What the kernel holds for this mode, as plain data."""
+
+    @classmethod
+    @abc.abstractmethod
+    def cleanup(cls, runner: Runner | None = None) -> list[str]:
+        """Removes this mode's kernel objects, whoever made them; returns what it removed."""
+
+    def _require(self, argv: Sequence[str], package: str) -> None:
+        """For ``_check``: DatapathError naming the Debian package when ``argv`` (a harmless
+        listing) fails."""
+        done = self.runner.run(argv)
+        if not done.ok:
+            raise DatapathError(f"{self.name} mode: {done.error(argv)}; install {package} "
+                                f"(apt-get install {package}) or use --mode ebpf")
+
     def _must(self, argv: Sequence[str], input: str | None = None) -> Completed:
         done = self.runner.run(argv, input)
         if not done.ok:
@@ -297,7 +330,7 @@ class Proxier(abc.ABC):
 def count_changes(previous: Sequence[ServicePortInfo], current: Sequence[ServicePortInfo],
                   node: str, family: int = 4) -> SyncResult:
     """Service ports added / changed / removed, and endpoints (usable ones) added and removed."""
-    def index(ports):
+    def index(ports: Sequence[ServicePortInfo]) -> dict[tuple[str, str, str], common.ProxiedPort]:
         return {_key(p): p for p in common.proxied_ports(ports, family, node)}
 
     before, after = index(previous), index(current)
