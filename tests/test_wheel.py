@@ -42,6 +42,16 @@ def test_wheel_ships_the_bpf_sources(wheel_venv):
     assert (Path(out) / "prog" / "lbctl_tc.c").is_file()
 
 
+def test_wheel_holds_every_package(wheel_venv):
+    """pyproject lists packages by name: one forgotten there would be missing from the wheel."""
+    packages = sorted(".".join(init.parent.relative_to(ROOT).parts)
+                      for init in (ROOT / "lbctl").rglob("__init__.py"))
+    code = "import importlib, sys\nfor name in sys.argv[1:]: importlib.import_module(name)"
+    done = subprocess.run([str(wheel_venv / "venv/bin/python"), "-c", code, *packages],
+                          capture_output=True, text=True, cwd=wheel_venv)
+    assert done.returncode == 0, done.stderr
+
+
 def test_wheel_cli_reports_its_version(wheel_venv):
     from lbctl import __version__
 
