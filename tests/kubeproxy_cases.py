@@ -74,7 +74,7 @@ spec:
   type: NodePort
   clusterIP: 172.30.0.41
   selector: {app: svc1}
-  ports: [{name: p80, port: 80, protocol: TCP, targetPort: 80, nodePort: 3001}]
+  ports: [{name: p80, port: 80, protocol: TCP, targetPort: 80, nodePort: 30001}]
 ---
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
@@ -99,7 +99,7 @@ def write_cli_manifests(directory: Path) -> Path:
 
 def cli_ports() -> list[ServicePortInfo]:
     """What CLI_MANIFESTS hold, built directly in the model."""
-    svc = service("ns1", "svc1", "172.30.0.41", port("p80", 80, node_port=3001), type="NodePort")
+    svc = service("ns1", "svc1", "172.30.0.41", port("p80", 80, node_port=30001), type="NodePort")
     return [info(svc, "p80", ep("10.180.0.1", 80, node=TEST_NODE_NAME))]
 
 

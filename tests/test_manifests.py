@@ -22,6 +22,7 @@ from lbctl.sources import manifests
 from lbctl.sources.manifests import (
     ManifestSource,
     Source,
+    SourceUnavailable,
     build_snapshot,
     load_manifests,
     parse_documents,
@@ -182,7 +183,6 @@ def test_selector_presence(spec, has_selector):
 @pytest.mark.parametrize("spec", [
     {"clusterIP": "None"},
     {"clusterIP": "None", "clusterIPs": ["None"]},
-    {"clusterIP": None, "clusterIPs": ["None"]},
 ])
 def test_headless_service_is_kept_without_cluster_ips(spec):
     (svc,), _, problems = parse(service(**spec))
@@ -246,7 +246,7 @@ BAD_SERVICES = [
     ("target-port-negative", {"ports": [{"port": 80, "targetPort": -1}]},
      "targetPort -1 out of range (1-65535)"),
     ("node-port-high", {"type": "NodePort", "ports": [{"port": 80, "nodePort": 70000}]},
-     "nodePort 70000 out of range (1-65535)"),
+     "nodePort 70000 out of range (30000-32767, the API server's --service-node-port-range)"),
     ("health-check-node-port", {"healthCheckNodePort": 65536}, "healthCheckNodePort 65536 out of range"),
     ("protocol-icmp", {"ports": [{"port": 80, "protocol": "ICMP"}]},
      'protocol "ICMP" not supported (TCP, UDP or SCTP)'),
@@ -275,14 +275,15 @@ BAD_SERVICES = [
     ("one-of-two-unnamed", {"ports": [{"name": "http", "port": 80}, {"port": 443}]},
      "port 443/TCP has no name"),
     ("cluster-ip-invalid", {"clusterIP": "10.96.0.300"}, 'clusterIP "10.96.0.300" is not a valid IP address'),
-    ("cluster-ip-leading-zero", {"clusterIP": "10.96.0.01"}, 'clusterIP "10.96.0.01" is not a valid IP'),
-    ("cluster-ips-invalid", {"clusterIP": None, "clusterIPs": ["10.96.0.1", "fd00::zz"]},
+    ("cluster-ip-octet-too-big", {"clusterIP": "10.96.0.0256"}, 'clusterIP "10.96.0.0256" is not a valid IP'),
+    ("cluster-ip-zone", {"clusterIP": "fd00::1%eth0"}, 'clusterIP "fd00::1%eth0" is not a valid IP'),
+    ("cluster-ips-invalid", {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "fd00::zz"]},
      'clusterIPs[1] "fd00::zz" is not a valid IP address'),
     ("cluster-ips-mismatch", {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.2"]},
      'clusterIPs[0] "10.96.0.2" differs from clusterIP "10.96.0.1"'),
-    ("cluster-ips-same-family", {"clusterIP": None, "clusterIPs": ["10.96.0.1", "10.96.0.2"]},
+    ("cluster-ips-same-family", {"clusterIP": "10.96.0.1", "clusterIPs": ["10.96.0.1", "10.96.0.2"]},
      'clusterIPs ["10.96.0.1", "10.96.0.2"]: at most one address per IP family'),
-    ("headless-mixed", {"clusterIP": None, "clusterIPs": ["None", "10.96.0.1"]},
+    ("headless-mixed", {"clusterIP": "None", "clusterIPs": ["None", "10.96.0.1"]},
      'clusterIPs ["None", "10.96.0.1"]: "None" (headless) must be the only value'),
     ("headless-node-port", {"type": "NodePort", "clusterIP": "None"},
      'clusterIP "None" (headless) is only valid for type ClusterIP'),
@@ -632,7 +633,8 @@ def test_load_reads_yaml_yml_json_recursively_in_sorted_order(tmp_path):
     assert snapshot.problems == (Problem(
         "Service default/dup",
         f"defined twice, in {tmp_path / 'a' / 'z.yml'} and in {tmp_path / 'b.yaml'}; "
-        f"the one in {tmp_path / 'a' / 'z.yml'} kept, the other ignored"),)
+        f"the one in {tmp_path / 'a' / 'z.yml'} kept (it comes first), the other ignored; "
+        "remove or rename one of them"),)
 
 
 def test_load_accepts_a_string_path(tmp_path):
@@ -681,7 +683,8 @@ def test_unreadable_files_are_problems(tmp_path):
     assert list(snapshot.services) == ["default/ok"]
     assert [p.obj for p in snapshot.problems] == [f"file {binary}", f"file {broken}"]
     assert snapshot.problems[0].message.startswith("not UTF-8")
-    assert snapshot.problems[1].message == "cannot read: No such file or directory; file skipped, others loaded"
+    assert snapshot.problems[1].message == (f"is a broken symbolic link (to {tmp_path / 'nowhere.yaml'}: "
+                                            "No such file or directory); file skipped, others loaded")
 
 
 def test_a_yaml_document_that_is_not_a_mapping(tmp_path):
@@ -690,13 +693,15 @@ def test_a_yaml_document_that_is_not_a_mapping(tmp_path):
     assert snapshot.problems == (Problem(f"file {path}", "document 1 is a list, not a mapping; skipped, others kept"),)
 
 
-def test_missing_directory_is_a_problem_not_an_exception(tmp_path):
-    snapshot = load_manifests(tmp_path / "absent")
-    assert snapshot.services == {} and snapshot.slices == {}
-    assert snapshot.problems == (Problem(f"directory {tmp_path / 'absent'}",
-                                         "does not exist; no objects read from it"),)
+def test_missing_directory_is_unavailable_not_empty(tmp_path):
+    """A directory that cannot be read means "nothing known", never "no services"."""
+    with pytest.raises(SourceUnavailable) as missing:
+        load_manifests(tmp_path / "absent")
+    assert str(missing.value) == f"manifests directory {tmp_path / 'absent'}: does not exist"
+    assert missing.value.reason == "does not exist"
     write(tmp_path / "file.yaml", "")
-    assert load_manifests(tmp_path / "file.yaml").problems[0].message.startswith("is not a directory")
+    with pytest.raises(SourceUnavailable, match="is not a directory$"):
+        load_manifests(tmp_path / "file.yaml")
 
 
 def test_empty_files_and_documents(tmp_path):
@@ -709,7 +714,8 @@ def test_duplicate_service_in_one_file(tmp_path):
     snapshot, origin = load_snapshot_of(tmp_path, service("web"), service("web", clusterIP="10.96.0.99"))
     assert snapshot.services["default/web"].cluster_ips == ("10.96.0.1",)
     assert snapshot.problems == (Problem("Service default/web",
-                                         f"defined twice in {origin}; the first kept, the second ignored"),)
+                                         f"defined twice in {origin}; the first kept, the second ignored; "
+                                         "remove or rename one of them"),)
 
 
 def test_same_name_in_two_namespaces_is_not_a_duplicate(tmp_path):
@@ -887,13 +893,12 @@ def test_poll_trusts_old_files(tmp_path, counting_reads):
     assert len(counting_reads) == 1
 
 
-def test_poll_missing_directory_then_created(tmp_path):
+def test_poll_missing_directory_raises_until_created(tmp_path):
     directory = tmp_path / "manifests"
     source = ManifestSource(directory)
-    first = source.poll()
-    assert first.services == {}
-    assert [p.obj for p in first.problems] == [f"directory {directory}"]
-    assert source.poll() is None
+    for _ in range(2):
+        with pytest.raises(SourceUnavailable, match="does not exist"):
+            source.poll()
     write(directory / "a.yaml", SVC.format(name="a", ip="10.96.0.1"))
     assert list(source.poll().services) == ["default/a"]
 

@@ -208,9 +208,12 @@ def synthetic_ports(count: int, node_name: str = lab.NODE_NAME) -> list[ServiceP
 def real_ports(state: lab.LabState) -> list[ServicePortInfo]:
     """The lab's service as the agent sees it: from its manifests."""
     from lbctl.model.desired import service_ports
-    from lbctl.sources.manifests import load_manifests
+    from lbctl.sources.manifests import SourceUnavailable, load_manifests
 
-    snapshot = load_manifests(state.manifests_dir)
+    try:
+        snapshot = load_manifests(state.manifests_dir)
+    except SourceUnavailable as exc:
+        raise BenchError(f"the bench lab's manifests: {exc}") from None
     if snapshot.problems:
         raise BenchError(f"the bench lab's manifests: {'; '.join(map(str, snapshot.problems))}")
     return list(service_ports(snapshot))
