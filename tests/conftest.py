@@ -12,6 +12,23 @@ from lbctl.datapath.ebpf.reconcile import Reconciler
 TEST_PIN_DIR = f"/sys/fs/bpf/lbctl-test-{os.getpid()}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def agent_run_dir(tmp_path_factory):
+    """The agent's files (its lock, service names, last good manifests: /run/lbctl on a node) go
+    to a directory of this session, $LBCTL_RUN_DIR, for in-process agents and `lbctl`
+    subprocesses alike: no test reads a real agent's files or leaves any there. No lock may be
+    left behind."""
+    path = tmp_path_factory.mktemp("run-lbctl")
+    saved = os.environ.get("LBCTL_RUN_DIR")
+    os.environ["LBCTL_RUN_DIR"] = str(path)
+    yield path
+    if saved is None:
+        del os.environ["LBCTL_RUN_DIR"]
+    else:
+        os.environ["LBCTL_RUN_DIR"] = saved
+    assert not sorted(p.name for p in path.glob("*.lock")), "a test left an agent lock behind"
+
+
 def config_for_tests(**overrides) -> ebpf.DatapathConfig:
     values = dict(pin_dir=TEST_PIN_DIR, max_services=1024, max_backends=4096,
                   services_map_size=8192, ct_size=8192, devices=("vethlbt*",))

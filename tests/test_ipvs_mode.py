@@ -931,7 +931,8 @@ def test_start_refuses_a_kernel_without_ipvs_for_real():
 
 @root
 def test_agent_run_with_ipvs_mode_fails_instead_of_half_working():
-    """What `lbctl run --mode ipvs` does: Agent.run starts the mode first, and the DatapathError
+    """What `lbctl run --mode ipvs` does: Agent.run reads the source once (no kernel: a source
+    it cannot read stops it before the mode starts), starts the mode, and the DatapathError
     reaches cmd_run (which logs it and exits 1) before any sync. (Kernels without IPVS only;
     with IPVS the probe must find it.)"""
     if has_ipvs():
@@ -950,7 +951,7 @@ def test_agent_run_with_ipvs_mode_fails_instead_of_half_working():
     agent = Agent(source, options=AgentOptions(interval=0.01), mode=IpvsMode(IpvsConfig()))
     with pytest.raises(DatapathError, match="IPVS is not available"):
         agent.run(max_seconds=1)
-    assert source.polled == 0 and agent.syncs == 0
+    assert source.polled == 1 and agent.syncs == 0
 
 
 @root

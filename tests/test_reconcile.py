@@ -1,10 +1,15 @@
-"""The reconciler against in-memory maps: write order, restart, failure and retry."""
+"""The reconciler against in-memory maps: write order (across maps, one log), the invariant
+"every reachable slot names an existing backend" after every single write over seeded random
+sequences, restart, failure of any kind and retry, the periodic resync."""
 from __future__ import annotations
 
 import dataclasses
+import random
+
+import pytest
 
 from lbctl.datapath.ebpf import shared
-from lbctl.datapath.ebpf.reconcile import BACKENDS, SERVICES, Reconciler, entry
+from lbctl.datapath.ebpf.reconcile import BACKENDS, F_CLUSTERIP, SERVICES, Reconciler, entry
 from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
 from lbctl.testing.fakemap import FakeMap
 
@@ -222,3 +227,190 @@ def test_more_endpoints_than_slots_is_reported_not_raised():
     result = r.sync(state(entry("big", WEB, *many), entry("d", DNS, be(5, 53, UDP))))
     assert any("65535" in e for e in result.errors), result.errors
     assert list(contents(m)) == [("10.96.0.53", 53)]
+
+
+# --- the order of writes across maps, and the invariant after every single write ---------------
+
+
+def shared_log_maps(check=None) -> tuple[dict, list]:
+    """Maps that record every write in one journal (map, op, key); `check(maps)` runs after
+    each single write."""
+    journal: list = []
+    m: dict = {}
+    hook = (lambda *_: check(m)) if check else None
+    m.update({name: FakeMap(name, percpu=name.endswith("stats"), journal=journal, after_write=hook)
+              for name in (SERVICES, BACKENDS, "lb4_affinity", "lb_service_stats", "lb_backend_stats")})
+    return m, journal
+
+
+def reachable_slots_name_backends(m) -> None:
+    """For every frontend in the services map with count n, slots 1..n exist and name backends
+    present in the backends map: what a packet can reach is whole."""
+    backends = m[BACKENDS].data
+    for key, value in m[SERVICES].data.items():
+        k = shared.view("lb4_service_key", key)
+        if k.backend_slot:
+            continue
+        front = f"{shared.from_be32(k.address)}:{shared.from_be16(k.dport)}"
+        for slot in range(1, shared.view("lb4_service_value", value).count + 1):
+            raw = m[SERVICES].data.get(shared.service_key(shared.from_be32(k.address),
+                                                          shared.from_be16(k.dport), k.proto, slot))
+            assert raw is not None, f"{front}: slot {slot} reachable but missing"
+            backend_id = shared.view("lb4_service_value", raw).backend_id
+            assert shared.u32(backend_id) in backends, f"{front}: slot {slot} names missing backend {backend_id}"
+
+
+def test_write_order_across_maps_in_one_log():
+    m, journal = shared_log_maps(reachable_slots_name_backends)
+    r = Reconciler(m, 100, 100)
+    r.sync(state(entry("w", WEB, be(2), be(3))))
+    assert [(name, op) for name, op, _ in journal] == [
+        ("lb_backend_stats", "update"), ("lb_backend_stats", "update"),   # counters of new ids zeroed
+        (BACKENDS, "update"), (BACKENDS, "update"),                        # backends first
+        ("lb_service_stats", "update"),
+        (SERVICES, "update"), (SERVICES, "update"),                        # slots 1, 2
+        (SERVICES, "update"),                                              # the frontend last
+    ]
+    assert slot_of(journal[-1][2])[1] == 0
+    journal.clear()
+    # swap a backend and drop one: new backend, slots, frontend (count), surplus slot, old backends
+    r.sync(state(entry("w", WEB, be(4))))
+    assert [(name, op, slot_of(k)[1] if name == SERVICES else shared.parse_u32(k))
+            for name, op, k in journal if name in (SERVICES, BACKENDS)] == [
+        (BACKENDS, "update", 3), (SERVICES, "update", 1), (SERVICES, "update", 0),
+        (SERVICES, "delete", 2), (BACKENDS, "delete", 1), (BACKENDS, "delete", 2)]
+    journal.clear()
+    r.sync(state())   # removal: frontend, then its slot, then the backend
+    assert [(name, op, slot_of(k)[1] if name == SERVICES else shared.parse_u32(k))
+            for name, op, k in journal if name in (SERVICES, BACKENDS)] == [
+        (SERVICES, "delete", 0), (SERVICES, "delete", 1), (BACKENDS, "delete", 3)]
+
+
+def random_states(seed: int, steps: int):
+    """A seeded walk through desired states: services added and removed, endpoints changed,
+    affinity and drop flags toggled; few addresses and ids, so ids are recycled."""
+    rng = random.Random(seed)
+    frontends = [Frontend(f"10.96.0.{i}", 80 + i % 2, TCP if i % 3 else UDP) for i in range(1, 9)]
+    pool = [be(i, 8080, TCP) for i in range(2, 14)] + [be(i, 53, UDP) for i in range(2, 8)]
+    current: dict = {}
+    for _ in range(steps):
+        for _ in range(rng.randint(1, 3)):
+            fe = rng.choice(frontends)
+            if fe in current and rng.random() < 0.35:
+                del current[fe]
+                continue
+            candidates = [b for b in pool if b.protocol == fe.protocol]
+            chosen = rng.sample(candidates, rng.randint(0, 4))
+            e = entry(f"ns/{fe.address}", fe, *chosen)
+            if rng.random() < 0.2:
+                e = dataclasses.replace(e, affinity_timeout=rng.choice((10, 600)))
+            if rng.random() < 0.2:
+                left = [b for b in candidates if b not in chosen]
+                e = dataclasses.replace(e, draining=tuple(sorted(rng.sample(left, min(2, len(left))))))
+            current[fe] = e
+        yield DesiredState(dict(current))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_sequences_keep_every_reachable_slot_whole(seed):
+    """After every single write, every slot a packet can reach names an existing backend; every
+    sync converges to exactly the desired state, even when random writes fail (an OSError or any
+    other exception) and the next sync starts from a re-read of the maps."""
+    m, _ = shared_log_maps(reachable_slots_name_backends)
+    rng = random.Random(1000 + seed)
+    r = Reconciler(m, 9, 20)        # ids for all 8 frontends and 18 backends, barely: recycled all the time
+    for desired in random_states(seed, 40):
+        faults = []
+        if rng.random() < 0.3:       # make one write of this sync fail
+            target = m[rng.choice((SERVICES, BACKENDS))]
+            keys = list(target.data) or [shared.u32(1)]
+            fault = (rng.choice(("update", "delete")), rng.choice(keys))
+            error = rng.choice((OSError(5, "injected"), ValueError("injected"), KeyError("injected")))
+            target.raise_on[fault] = error
+            faults.append((target, fault))
+        first = r.sync(desired)
+        for target, fault in faults:
+            del target.raise_on[fault]
+        result = r.sync(desired) if r.dirty or first.errors else first
+        assert not result.errors, result.errors
+        assert contents(m) == expected_contents(desired)
+        assert not Reconciler(m, 9, 20).sync(desired).changed, "a restart finds what it wants"
+
+
+def expected_contents(desired: DesiredState) -> dict:
+    return {(fe.address, fe.port): (len(e.backends), [b.address for b in e.backends])
+            for fe, e in desired.services.items()}
+
+
+# --- failures other than OSError (item 7) --------------------------------------------------------
+
+
+def test_any_exception_makes_the_next_sync_reread_the_maps():
+    """A ValueError from a batch update (a bad value) used to leave the mirror claiming entries
+    the maps lack, and every later sync reported "no change"."""
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    desired = state(entry("w", WEB, be(2), be(3)))
+    m[SERVICES].raise_on[("update", shared.service_key("10.96.0.10", 80, 6, 0))] = ValueError("bad value")
+    result = r.sync(desired)
+    assert result.errors and "ValueError" in result.errors[0] and r.dirty
+    assert WEB not in r.services, "the mirror holds only what the maps hold"
+    m[SERVICES].raise_on.clear()
+    assert not r.sync(desired).errors
+    assert contents(m) == {("10.96.0.10", 80): (2, ["10.244.0.2", "10.244.0.3"])}
+
+
+def test_a_failing_restore_is_reported_and_retried():
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    r.sync(state(entry("w", WEB, be(2))))
+    r.dirty = True
+    items = m[BACKENDS].items
+    m[BACKENDS].items = lambda: (_ for _ in ()).throw(OSError(5, "cannot read"))
+    result = r.sync(state(entry("w", WEB, be(2))))
+    assert result.errors and r.dirty
+    m[BACKENDS].items = items
+    assert not r.sync(state(entry("w", WEB, be(2)))).errors and not r.dirty
+
+
+# --- resync: the maps read back and repaired (item 6) ---------------------------------------------
+
+
+def test_resync_repairs_what_was_changed_behind_our_back():
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    other = Frontend("10.96.0.99", 80, TCP)
+    desired = state(entry("w", WEB, be(2), be(3)), entry("d", DNS, be(5, 53, UDP)),
+                    entry("o", other, be(6)))
+    r.sync(desired)
+    want = contents(m)
+    # a frontend with count 2 and no slots (clients would time out, no RST)
+    m[SERVICES].data.pop(shared.service_key("10.96.0.10", 80, 6, 1))
+    m[SERVICES].data.pop(shared.service_key("10.96.0.10", 80, 6, 2))
+    # a backend gone, a frontend gone (its slot left behind), a foreign entry of another protocol
+    m[BACKENDS].data.pop(shared.u32(r.backend_ids[be(5, 53, UDP)]))
+    m[SERVICES].data.pop(shared.service_key("10.96.0.99", 80, 6, 0))
+    junk = shared.service_key("10.96.0.77", 80, 1, 0)
+    m[SERVICES].data[junk] = shared.service_value(count=0, service_id=50)
+    assert not r.sync(desired).changed, "a plain sync trusts its mirror: nothing seen"
+    result = r.resync(desired)
+    assert result.changed and not result.errors
+    assert contents(m) == want and junk not in m[SERVICES].data
+    reachable_slots_name_backends(m)
+    assert not r.resync(desired).changed, "nothing left to repair"
+
+
+def test_resync_restores_a_changed_frontend_and_backend():
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    desired = state(entry("w", WEB, be(2), be(3)))
+    r.sync(desired)
+    want = contents(m)
+    key = shared.service_key("10.96.0.10", 80, 6, 0)
+    sid = r.services[WEB].service_id
+    m[SERVICES].data[key] = shared.service_value(count=5, service_id=sid, flags=F_CLUSTERIP)
+    bid = r.backend_ids[be(3)]
+    m[BACKENDS].data[shared.u32(bid)] = shared.backend_value("10.244.9.9", 1, 6)
+    assert r.resync(desired).changed
+    assert contents(m) == want
+    reachable_slots_name_backends(m)

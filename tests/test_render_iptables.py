@@ -741,11 +741,11 @@ def test_cli_renders_the_manifests(manifests, capsys):
 
 
 def test_cli_probes_the_host_when_not_told(manifests, capsys, monkeypatch):
-    from lbctl.cli import render as render_cmd
+    from lbctl.datapath.kubeproxy import probes
 
-    monkeypatch.setattr(render_cmd, "probe_random_fully", lambda: True)
-    monkeypatch.setattr(render_cmd, "probe_nfacct", lambda: False)
-    monkeypatch.setattr(render_cmd, "probe_tcp_be_liberal", lambda: True)
+    monkeypatch.setattr(probes, "probe_random_fully", lambda: True)
+    monkeypatch.setattr(probes, "probe_nfacct", lambda: False)
+    monkeypatch.setattr(probes, "probe_tcp_be_liberal", lambda: True)
     assert render_cli("iptables", "--manifests", str(manifests), "--node-name", TEST_NODE_NAME,
                       "--node-ip", TEST_NODE_IP) == 0
     out = capsys.readouterr().out

@@ -2,7 +2,13 @@
 
 One thread, one loop: poll the source (cheap when nothing changed), sync the mode when the
 source yields a new snapshot, and wait on the netlink link-event socket until the next poll.
-A failed sync is retried on the next turn from a fresh read of the kernel.
+A failed sync is retried on the next turn from a fresh read of the kernel, and every
+``sync_period`` (kube-proxy's syncPeriod) the mode re-reads the kernel and repairs whatever
+changed behind the agent's back.
+
+A source that cannot be read at all (``SourceUnavailable``) never means "no services": at
+start the agent refuses to start before touching the kernel; later it keeps everything
+programmed and polls again every interval, logging the outage once and its end.
 """
 from __future__ import annotations
 
@@ -12,12 +18,14 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.mode import EbpfMode
 from lbctl.model.desired import service_ports
+from lbctl.sources.base import SourceUnavailable
 
 log = logging.getLogger("lbctl.agent.loop")
 
@@ -29,17 +37,24 @@ class AgentOptions:
     interval: float = 1.0             # seconds between source polls
     detach_on_exit: bool = False      # False: leave the datapath serving on exit
     link_rescan: float = 30.0         # seconds between full link scans that also verify filters
+    sync_period: float = 30.0         # seconds between full resyncs that re-read the kernel
 
 
 class Agent:
     def __init__(self, source, cfg: ebpf.DatapathConfig | None = None,
-                 options: AgentOptions = AgentOptions(), mode=None):
+                 options: AgentOptions = AgentOptions(), mode=None,
+                 clock: Callable[[], float] = time.monotonic):
         self.source = source
         self.mode = mode or EbpfMode(cfg or ebpf.DatapathConfig())
         self.options = options
+        self.clock = clock
         self.synced = threading.Event()       # set after the first successful sync
         self.syncs = 0
+        self.resyncs = 0
         self._reported: set[str] = set()
+        self._unavailable: str | None = None  # the source's outage, while it lasts
+        self._programmed = False              # a snapshot was given to the mode
+        self._next_resync = clock() + options.sync_period   # reset when the mode starts
 
     def report(self, problems) -> None:
         """Logs each problem once while it lasts (not on every poll), and when it is gone."""
@@ -53,31 +68,50 @@ class Agent:
     def sync_snapshot(self, snapshot) -> SyncResult:
         started = time.monotonic()
         result = self.mode.sync(service_ports(snapshot))
+        self._programmed = True
         self.report(list(snapshot.problems) + list(self.mode.problems))
         return self._done(result, started)
 
     def retry(self) -> SyncResult:
         return self._done(self.mode.sync(None), time.monotonic())
 
-    def _done(self, result: SyncResult, started: float) -> SyncResult:
+    def resync(self) -> SyncResult:
+        """Reads the kernel back and repairs any difference from the last desired state."""
+        started = time.monotonic()
+        resync = getattr(self.mode, "resync", None)
+        result = resync() if resync is not None else self.mode.sync(None)
+        self.resyncs += 1
+        self._next_resync = self.clock() + self.options.sync_period
+        if result.changed:
+            log.warning("resync (%s): the kernel differed from what was programmed; repaired: %s",
+                        self.mode.name, result)
+        return self._done(result, started, quiet=True)
+
+    def _done(self, result: SyncResult, started: float, quiet: bool = False) -> SyncResult:
         self.syncs += 1
         for error in result.errors:
             log.error("sync: %s", error)
         if not getattr(self.mode, "needs_retry", False):
             self.synced.set()
-        if result.changed or result.errors:
+        if (result.changed and not quiet) or result.errors:
             log.info("sync (%s): %s in %.1f ms", self.mode.name, result,
                      (time.monotonic() - started) * 1000)
         return result
 
     def run(self, stop: threading.Event | None = None, max_seconds: float | None = None) -> None:
+        """Runs until `stop` is set (or `max_seconds` passed). Raises SourceUnavailable, before
+        touching the kernel, when the source cannot be read at start."""
         from pyroute2 import IPRoute
 
         stop = stop or threading.Event()
         deadline = time.monotonic() + max_seconds if max_seconds else None
+        # First the source: a directory that is not there must not start the mode, whose
+        # start removes what other modes left and whose first sync would empty the datapath.
+        first = self.source.poll()
         watches_links = hasattr(self.mode, "attach_links")
         housekeeping = getattr(self.mode, "housekeeping", None)   # deferred kernel work (nftables)
         self.mode.start()
+        self._next_resync = self.clock() + self.options.sync_period
         clean_exit = False
         try:
             with IPRoute() as ipr, link_events() as events:
@@ -87,17 +121,19 @@ class Agent:
                 while not stop.is_set():
                     if deadline and time.monotonic() > deadline:
                         break
-                    self.turn(housekeeping)
+                    self.turn(housekeeping, first=first)
+                    first = None
                     if not watches_links:
                         stop.wait(self.options.interval)
                         continue
                     ready, _, _ = select.select([events], [], [], self.options.interval)
                     # A link appeared or vanished (or events were lost): rescan. Link events
-                    # are rare (a pod starting or stopping), a scan is one netlink dump.
+                    # are rare (a pod starting or stopping), a scan is one netlink dump. Links
+                    # whose attach failed are tried again on every turn.
                     if time.monotonic() - last_scan > self.options.link_rescan:
                         self.mode.attach_links(ipr, verify=True)
                         last_scan = time.monotonic()
-                    elif ready and drain(events):
+                    elif (ready and drain(events)) or getattr(self.mode, "pending_links", False):
                         self.mode.attach_links(ipr)
             clean_exit = True
         finally:
@@ -105,19 +141,38 @@ class Agent:
             # service down on the node because of a bug in the control plane.
             self.mode.stop(self.options.detach_on_exit and clean_exit)
 
-    def turn(self, housekeeping=None) -> None:
-        """One poll and, if needed, one sync. An unexpected error is logged and the loop goes
-        on: the programmed datapath keeps serving, and the next change is tried afresh."""
+    def turn(self, housekeeping=None, first=None) -> None:
+        """One poll (or the snapshot `first`, read before the mode started) and, if needed, one
+        sync; every sync_period, a resync. An unexpected error is logged and the loop goes on:
+        the programmed datapath keeps serving, and the next change is tried afresh."""
         try:
-            snapshot = self.source.poll()
+            snapshot = first if first is not None else self.poll()
             if snapshot is not None:
                 self.sync_snapshot(snapshot)
             elif getattr(self.mode, "needs_retry", False):
                 self.retry()
+            elif self._programmed and self.clock() >= self._next_resync:
+                self.resync()
             if housekeeping is not None:
                 housekeeping()
         except Exception:
             log.exception("unexpected error in this turn; the datapath keeps its last state")
+
+    def poll(self):
+        """The source's news, or None. An unreadable source keeps what is programmed: its
+        outage is logged once, and once more when it ends."""
+        try:
+            snapshot = self.source.poll()
+        except SourceUnavailable as exc:
+            if str(exc) != self._unavailable:
+                log.error("%s; keeping every service programmed as it is, reading again every "
+                          "%gs", exc, self.options.interval)
+                self._unavailable = str(exc)
+            return None
+        if self._unavailable is not None:
+            log.info("resolved: %s", self._unavailable)
+            self._unavailable = None
+        return snapshot
 
 
 @contextlib.contextmanager

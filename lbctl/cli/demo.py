@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from pathlib import Path
 
+from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
 from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf import dump
 from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.ebpf.mode import EbpfMode
 from lbctl.lab import cluster as lab
 from lbctl.lab.client import request_spread
 from lbctl.sources.manifests import ManifestSource
@@ -57,19 +61,59 @@ def plot_spread(results: list[tuple[str, str, dict]], path: Path) -> None:
     plt.close(fig)
 
 
+DEMO_PIN_DIR = "/sys/fs/bpf/lbctl-demo"   # its own maps, and so its own tc filter name
+DEMO_PREFIX = "lbdemo"                    # its own lab: netns lbdemo-*, links vethlbdemo*
+DEMO_POD_CIDR, DEMO_GATEWAY = "10.244.100.0/24", "10.244.100.1"   # beside a default lab's
+
+
+def demo_spec() -> lab.LabSpec:
+    return lab.LabSpec(prefix=DEMO_PREFIX, pod_cidr=DEMO_POD_CIDR, gateway=DEMO_GATEWAY)
+
+
+def demo_config() -> ebpf.DatapathConfig:
+    """Only the demo lab's pod links, and maps of its own: a user's lab, maps and links (and an
+    agent's) are never touched."""
+    return ebpf.DatapathConfig(pin_dir=DEMO_PIN_DIR, devices=(f"veth{DEMO_PREFIX}*",),
+                               node_name=lab.NODE_NAME)
+
+
 def run_demo(requests: int = 300, keep: bool = False, plot: Path | None = Path("out/demo-spread.png")) -> int:
+    """The demo, next to nothing: it refuses to run beside an lbctl agent (whose filters would
+    see the demo's pods too), holds the agent lock of its own pin dir while it runs, and tears
+    down only what it made."""
+    lock = AgentLock(DEMO_PIN_DIR, "lbctl demo")
+    try:
+        lock.acquire()
+        others = running_agents(exclude=lock.path)
+    except AgentRunning as exc:
+        print(f"lbctl demo: {exc}", file=sys.stderr)
+        return 1
+    try:
+        if others:
+            for holder in others:
+                print(f"lbctl demo: refused, an lbctl agent runs on this node ({holder}); the demo "
+                      "runs its own agent and must not share the node's pod links with another: "
+                      "stop that agent first", file=sys.stderr)
+            return 1
+        return _demo(requests, keep, plot)
+    finally:
+        lock.release()
+
+
+def _demo(requests: int, keep: bool, plot: Path | None) -> int:
     print(">> lbctl lab up: pods in network namespaces, manifests for their services")
-    state = lab.lab_up(lab.default_spec())
+    state = lab.lab_up(demo_spec())
     print(lab.describe(state))
-    # only the lab's pod links: the demo must not attach to other veths on this machine
-    cfg = ebpf.DatapathConfig(devices=(f"veth{state.prefix}*",), node_name=lab.NODE_NAME)
-    agent = Agent(ManifestSource(state.manifests_dir), cfg,
-                  AgentOptions(interval=0.5, detach_on_exit=not keep))
+    cfg = demo_config()
+    source_state = dump.source_state_file(cfg.pin_dir)
+    agent = Agent(ManifestSource(state.manifests_dir, interval=0.5, state_path=source_state),
+                  options=AgentOptions(interval=0.5, detach_on_exit=not keep),
+                  mode=EbpfMode(cfg, switch_modes=False))   # a guest: other modes' rules stay
     stop = threading.Event()
     thread = threading.Thread(target=agent.run, args=(stop,), kwargs={"max_seconds": 600},
                               name="agent", daemon=True)
     try:
-        print(f"\n>> lbctl run --manifests {state.manifests_dir} (in the background)")
+        print(f"\n>> lbctl run --manifests {state.manifests_dir} --pin-dir {cfg.pin_dir} (in the background)")
         thread.start()
         if not agent.synced.wait(60):
             raise RuntimeError("the agent did not program the services within 60 s (see the log above)")
@@ -86,7 +130,7 @@ def run_demo(requests: int = 300, keep: bool = False, plot: Path | None = Path("
         if plot:
             plot_spread(results, plot)
             print(f"\n(plot: {plot})")
-        print("\n>> lbctl dump maps")
+        print(f"\n>> lbctl dump maps --pin-dir {cfg.pin_dir}")
         print(dump.format_table(dump.collect(cfg.pin_dir)))
         failed = sum(sum(r["errors"].values()) for _, _, r in results)
         return 1 if failed else 0
@@ -94,9 +138,13 @@ def run_demo(requests: int = 300, keep: bool = False, plot: Path | None = Path("
         stop.set()
         thread.join(30)
         if keep:
-            print(f"\n>> left up (--keep): lab '{state.prefix}', programs attached, maps pinned.\n"
-                  f"   lbctl run --manifests {state.manifests_dir}   follows manifest changes\n"
-                  "   lbctl lab down && lbctl cleanup               removes everything")
+            print(f"\n>> left up (--keep): lab '{state.prefix}', programs attached, maps pinned under {cfg.pin_dir}.\n"
+                  f"   lbctl run --manifests {state.manifests_dir} --pin-dir {cfg.pin_dir} "
+                  f"--devices 'veth{DEMO_PREFIX}*'   follows manifest changes\n"
+                  f"   lbctl lab down --prefix {state.prefix} && lbctl cleanup --pin-dir {cfg.pin_dir} "
+                  "--keep-labs   removes everything")
         else:
             print("\n>> teardown: agent detached, maps unpinned, lab down")
+            if os.path.exists(source_state):
+                os.unlink(source_state)
             lab.lab_down(state.prefix)

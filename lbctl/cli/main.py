@@ -32,59 +32,32 @@ def _datapath_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin-dir", default=d.pin_dir, help="bpffs directory for the maps (%(default)s)")
 
 
-def datapath_config(args) -> ebpf.DatapathConfig:
-    devices = tuple(x for x in getattr(args, "devices", "").split(",") if x) or ebpf.DEFAULT_DEVICES
-    from lbctl.datapath.kubeproxy import proxier
-
-    return ebpf.DatapathConfig(
-        pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
-        services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
-        node_name=args.node_name or proxier.node_name())
-
-
-def kube_proxy_settings(args) -> dict:
-    """--node-name/--node-ip/--cluster-cidr/... as kube-proxy config fields; ValueError if bad."""
-    from lbctl.cli import render as render_cmd
-    from lbctl.datapath.kubeproxy import proxier
-
-    errors = render_cmd.flag_errors(args)
-    if errors:
-        raise ValueError("; ".join(errors))
-    node_ips = list(args.node_ip or [])
-    if not node_ips:
-        primary = proxier.primary_ipv4()
-        if primary is None:
-            raise ValueError("no default route to take the node IP from: give --node-ip")
-        node_ips = [primary]
-    return dict(node_name=args.node_name or proxier.node_name(), node_ips=tuple(node_ips),
-                cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
-                nodeport_addresses=render_cmd.nodeport_addresses(args))
-
-
 def build_mode(args):
-    """The datapath mode `lbctl run --mode` asks for (kube-proxy modes imported only when used)."""
+    """The datapath mode `lbctl run --mode` asks for (kube-proxy modes imported only when used).
+    ValueError (naming the flag) when a flag is bad. Touches no kernel."""
+    from lbctl.cli import config
+
     if args.mode == "ebpf":
         from lbctl.datapath.ebpf.mode import EbpfMode
-        return EbpfMode(datapath_config(args))
-    settings = kube_proxy_settings(args)
+        return EbpfMode(config.datapath_config(args))
+    cfg = config.kube_proxy_config(args.mode, args)
     if args.mode in ("iptables", "nftables"):
         from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode
         from lbctl.datapath.kubeproxy.proxier import ProxierOptions
 
         options = ProxierOptions(full_sync_every=args.full_sync_every, ebpf_pin_dir=args.pin_dir)
         if args.mode == "iptables":
-            return iptables_mode.IptablesMode(iptables_mode.config_from(**settings), options)
-        return nftables_mode.NftablesMode(nftables_mode.config_from(**settings), options)
-    import dataclasses
-
+            return iptables_mode.IptablesMode(cfg, options)
+        return nftables_mode.NftablesMode(cfg, options)
     from lbctl.datapath.kubeproxy import ipvs
-    known = {f.name for f in dataclasses.fields(ipvs.IpvsConfig)}
-    return ipvs.IpvsMode(ipvs.IpvsConfig(**{k: v for k, v in settings.items() if k in known}),
-                         ebpf_pin_dir=args.pin_dir)
+    return ipvs.IpvsMode(cfg, ebpf_pin_dir=args.pin_dir)
 
 
 def cmd_run(args) -> int:
+    from lbctl.agent.lock import AgentLock, AgentRunning
     from lbctl.agent.loop import Agent, AgentOptions
+    from lbctl.datapath.ebpf import dump
+    from lbctl.sources.base import SourceUnavailable
     from lbctl.sources.manifests import ManifestSource
 
     try:
@@ -95,22 +68,43 @@ def cmd_run(args) -> int:
     except ebpf.DatapathError as exc:
         log.error("%s", exc)
         return 1
-    agent = Agent(ManifestSource(args.manifests, interval=args.interval), mode=mode,
-                  options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    if args.mode == "ebpf":
-        log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
-                 ",".join(mode.cfg.devices), mode.cfg.pin_dir)
-    else:
-        log.info("lbctl run --mode %s: manifests %s", args.mode, args.manifests)
+    # One agent per node, whatever the mode: taken before anything touches the kernel.
+    lock = AgentLock(args.pin_dir, f"lbctl run --mode {args.mode}")
     try:
-        agent.run(stop, max_seconds=args.max_seconds)
-    except ebpf.DatapathError as exc:
+        lock.acquire()
+    except AgentRunning as exc:
         log.error("%s", exc)
         return 1
-    return 0
+    except OSError as exc:
+        log.error("lbctl run: cannot take the agent lock %s: %s (run as root)", lock.path,
+                  exc.strerror or exc)
+        return 1
+    try:
+        source = ManifestSource(args.manifests, interval=args.interval,
+                                state_path=dump.source_state_file(args.pin_dir))
+        agent = Agent(source, mode=mode,
+                      options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit,
+                                           sync_period=args.sync_period))
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        if args.mode == "ebpf":
+            log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
+                     ",".join(mode.cfg.devices), mode.cfg.pin_dir)
+        else:
+            log.info("lbctl run --mode %s: manifests %s", args.mode, args.manifests)
+        try:
+            agent.run(stop, max_seconds=args.max_seconds)
+        except SourceUnavailable as exc:
+            log.error("lbctl run: %s; not starting, nothing on this node was changed (fix "
+                      "--manifests, or create the directory, and start again)", exc)
+            return 1
+        except ebpf.DatapathError as exc:
+            log.error("%s", exc)
+            return 1
+        return 0
+    finally:
+        lock.release()
 
 
 def cmd_dump_maps(args) -> int:
@@ -145,29 +139,62 @@ def cmd_trace(args) -> int:
 
 def cmd_cleanup(args) -> int:
     """Removes exactly what lbctl created: our tc filters (and clsact left empty by them),
-    pinned maps, the agent's state file, the kube-proxy modes' rules (iptables chains and jump
-    rules, the nftables table, IPVS objects), and labs that `lbctl lab up` built."""
+    pinned maps, the agent's state files, the kube-proxy modes' rules (iptables chains and jump
+    rules, the nftables table, IPVS objects), and labs that `lbctl lab up` built.
+
+    Not while an agent runs (it would keep programming what cleanup removes, and its node would
+    be left half served): that needs --force. The lock is held meanwhile, so no agent starts."""
+    from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
     from lbctl.datapath.base import MODES, cleanup_mode
+    from lbctl.datapath.ebpf import dump
     from lbctl.lab import cluster as lab
 
-    removed, failed = [], []
-    for name in MODES:
-        try:
-            removed += cleanup_mode(name, args.pin_dir)
-        except Exception as exc:
-            failed.append(f"{name} mode: {exc}")
-    labs = []
-    if not args.keep_labs:
-        for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
-            prefix = path.name[len("lab-"):-len(".json")]
-            lab.lab_down(prefix)
-            labs.append(prefix)
-    for what in removed:
-        print(f"removed {what}")
-    for what in failed:
-        print(f"lbctl cleanup: {what}", file=sys.stderr)
-    print(f"removed {len(removed)} datapath object(s); labs removed: {', '.join(labs) or 'none'}")
-    return 1 if failed else 0
+    lock = AgentLock(args.pin_dir, "lbctl cleanup")
+    try:
+        lock.acquire()
+        others = running_agents(exclude=lock.path)
+    except AgentRunning as exc:
+        lock.release()
+        others = [exc.holder]
+    except OSError as exc:
+        print(f"lbctl cleanup: cannot read the agent locks in {dump.state_dir()}: {exc.strerror or exc} "
+              "(run as root)", file=sys.stderr)
+        return 1
+    try:
+        if others and not args.force:
+            for holder in others:
+                print(f"lbctl cleanup: an lbctl agent is running: {holder}", file=sys.stderr)
+            print("lbctl cleanup: refused, it would remove what a running agent programs; stop the "
+                  "agent first, or give --force (the agent then re-creates what it owns at its next "
+                  "resync)", file=sys.stderr)
+            return 1
+        for holder in others:
+            print(f"lbctl cleanup: --force: removing what a running agent programs ({holder})",
+                  file=sys.stderr)
+        removed, failed = [], []
+        for name in MODES:
+            try:
+                removed += cleanup_mode(name, args.pin_dir)
+            except Exception as exc:
+                failed.append(f"{name} mode: {exc}")
+        source_state = dump.source_state_file(args.pin_dir)
+        if os.path.exists(source_state):
+            os.unlink(source_state)
+            removed.append(f"state file {source_state}")
+        labs = []
+        if not args.keep_labs:
+            for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
+                prefix = path.name[len("lab-"):-len(".json")]
+                lab.lab_down(prefix)
+                labs.append(prefix)
+        for what in removed:
+            print(f"removed {what}")
+        for what in failed:
+            print(f"lbctl cleanup: {what}", file=sys.stderr)
+        print(f"removed {len(removed)} datapath object(s); labs removed: {', '.join(labs) or 'none'}")
+        return 1 if failed else 0
+    finally:
+        lock.release()
 
 
 def cmd_bench(args) -> int:
@@ -188,9 +215,27 @@ def cmd_demo(args) -> int:
     return run_demo(requests=args.requests, keep=args.keep)
 
 
+def version() -> str:
+    import lbctl
+
+    number = getattr(lbctl, "__version__", None)
+    if number is None:   # lbctl imported as a namespace package (an editable install's finder)
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            number = installed("lbctl")
+        except PackageNotFoundError:
+            number = "0+unknown"
+    return f"lbctl {number}"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from lbctl.cli import argtypes, config
+
     parser = argparse.ArgumentParser(prog="lbctl", description="eBPF replacement for kube-proxy")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = ebpf.DatapathConfig()
@@ -204,35 +249,29 @@ def build_parser() -> argparse.ArgumentParser:
                      help="ebpf: comma-separated link name patterns to attach to (%(default)s)")
     _datapath_args(run)
     kp = run.add_argument_group("kube-proxy modes (iptables, nftables, ipvs)")
-    kp.add_argument("--node-name", default=None, metavar="NAME",
-                    help="this node's name, for endpoint locality (internalTrafficPolicy, "
-                         "externalTrafficPolicy Local; all modes; default: the hostname)")
-    kp.add_argument("--node-ip", action="append", default=[], metavar="IP",
-                    help="a node address, the first is the primary (repeat for more; default: the "
-                         "source address of the default route)")
-    kp.add_argument("--cluster-cidr", default=None, metavar="CIDR[,CIDR]",
-                    help="pod CIDR(s): traffic from elsewhere to a cluster IP is masqueraded; "
-                         "without it nothing is, unless --masquerade-all")
-    kp.add_argument("--masquerade-all", action="store_true", help="SNAT all service traffic")
-    kp.add_argument("--nodeport-addresses", default="", metavar="CIDR[,CIDR...]",
-                    help='addresses that accept NodePorts, or "primary" (default: iptables every '
-                         'local address, nftables "primary")')
-    kp.add_argument("--full-sync-every", type=int, default=10, metavar="N",
+    config.add_kube_proxy_flags(kp, required=False)
+    kp.add_argument("--full-sync-every", type=argtypes.positive_int, default=10, metavar="N",
                     help="iptables/nftables: every Nth sync rewrites everything, the others only "
                          "what changed (%(default)s)")
-    run.add_argument("--max-services", type=int, default=d.max_services,
+    run.add_argument("--max-services", type=argtypes.id_count, default=d.max_services,
                      help="service ids, one per VIP:port/proto (%(default)s)")
-    run.add_argument("--max-backends", type=int, default=d.max_backends,
+    run.add_argument("--max-backends", type=argtypes.id_count, default=d.max_backends,
                      help="backend ids, one per endpoint address:port/proto (%(default)s)")
-    run.add_argument("--services-map-size", type=int, default=d.services_map_size,
+    run.add_argument("--services-map-size", type=argtypes.map_size, default=d.services_map_size,
                      help="frontends + backend slots (%(default)s)")
-    run.add_argument("--ct-size", type=int, default=d.ct_size,
+    run.add_argument("--ct-size", type=argtypes.map_size, default=d.ct_size,
                      help="conntrack entries, two per flow (%(default)s)")
-    run.add_argument("--interval", type=float, default=1.0, help="seconds between manifest polls")
+    run.add_argument("--interval", type=argtypes.positive_float, default=1.0,
+                     help="seconds between manifest polls (%(default)s)")
+    run.add_argument("--sync-period", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
+                     help="seconds between full resyncs, which read the kernel back and repair "
+                          "whatever changed behind the agent's back (kube-proxy's --sync-period; "
+                          "%(default)s)")
     run.add_argument("--detach-on-exit", action="store_true",
                      help="on exit detach programs and unpin maps (default: leave the datapath "
                           "serving, so a restart moves no flow)")
-    run.add_argument("--max-seconds", type=float, default=None, help="exit after this long")
+    run.add_argument("--max-seconds", type=argtypes.positive_float, default=None,
+                     help="exit after this long")
     run.set_defaults(func=cmd_run)
 
     dump_p = sub.add_parser("dump", help="show datapath state")
@@ -251,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup = sub.add_parser("cleanup", help="remove everything lbctl created")
     _datapath_args(cleanup)
     cleanup.add_argument("--keep-labs", action="store_true", help="leave `lbctl lab` labs up")
+    cleanup.add_argument("--force", action="store_true",
+                         help="even while an agent runs (it re-creates what it owns at its next resync)")
     cleanup.set_defaults(func=cmd_cleanup)
 
     from lbctl.lab import cluster as lab
@@ -258,20 +299,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="lab + agent + traffic + dump, then teardown")
     demo.add_argument("--keep", action="store_true", help="leave the lab and datapath up")
-    demo.add_argument("--requests", type=int, default=300, help="requests per service port")
+    demo.add_argument("--requests", type=argtypes.positive_int, default=300,
+                      help="requests per service port (%(default)s)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser(
         "bench", help="ns/packet through BPF_PROG_TEST_RUN; with --modes, new TCP connections "
                       "through each datapath (none, ebpf, iptables, nftables) side by side")
-    bench.add_argument("--services", default=None,
+    bench.add_argument("--services", type=argtypes.counts, default=None,
                        help="comma-separated service counts (default 10,100000; with --modes "
                             "10,1000,10000)")
-    bench.add_argument("--backends", type=int, default=2,
+    bench.add_argument("--backends", type=argtypes.positive_int, default=2,
                        help="backends per service (BPF_PROG_TEST_RUN bench)")
-    bench.add_argument("--repeat", type=int, default=200_000,
+    bench.add_argument("--repeat", type=argtypes.positive_int, default=200_000,
                        help="runs per measured path (BPF_PROG_TEST_RUN bench)")
-    bench.add_argument("--new-flows", type=int, default=2000,
+    bench.add_argument("--new-flows", type=argtypes.positive_int, default=2000,
                        help="new flows timed one by one (BPF_PROG_TEST_RUN bench)")
     bench.add_argument("--plot", default=None, help="write a PNG plot here")
     bench.add_argument("--json", action="store_true")
@@ -281,15 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--modes", default=None, metavar="MODE[,MODE...]",
                        help="compare these: none (no load balancer, the baseline), ebpf, "
                             "iptables, nftables")
-    modes.add_argument("--connections", type=int, default=5000,
+    modes.add_argument("--connections", type=argtypes.positive_int, default=5000,
                        help="connections per round, per mode and service count (%(default)s)")
-    modes.add_argument("--seconds", type=float, default=10.0,
+    modes.add_argument("--seconds", type=argtypes.positive_float, default=10.0,
                        help="at most this long per round (%(default)s)")
-    modes.add_argument("--rounds", type=int, default=3,
+    modes.add_argument("--rounds", type=argtypes.positive_int, default=3,
                        help="rounds per mode and service count; conn/s is the median (%(default)s)")
-    modes.add_argument("--workers", type=int, default=4,
+    modes.add_argument("--workers", type=argtypes.positive_int, default=4,
                        help="client processes, one connection in flight each (%(default)s)")
-    modes.add_argument("--sync-timeout", type=float, default=300.0,
+    modes.add_argument("--sync-timeout", type=argtypes.positive_float, default=300.0,
                        help="seconds one iptables-restore or nft transaction may take (%(default)s)")
     bench.set_defaults(func=cmd_bench)
 
@@ -299,7 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:   # --help, --version, or a refused flag (argparse said why)
+        return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

@@ -7,12 +7,17 @@ A mode is given every service port with its endpoints (``ServicePortInfo``, the 
     start()                 load / check kernel support; recover state left by a previous run
     sync(ports)             apply the whole desired state (the mode decides what actually changes)
     problems                what the last sync could not program, one Problem per object
+    resync()                re-read the kernel and repair whatever differs from the last desired
+                            state (entries removed or changed behind the agent's back); the agent
+                            calls it every --sync-period (kube-proxy's syncPeriod). Optional: a
+                            mode without it is given sync(None) (IPVS diffs against the kernel
+                            on every sync)
     dump() -> dict          what the kernel holds, as plain data
     stop(detach)            release resources; with detach, also remove every kernel object
     cleanup()               (class method) remove this mode's kernel objects, whoever made them
 
 Modes that attach to links (eBPF) also have ``attach_links(ipr)``, called at start and whenever
-links come or go. Modes with deferred kernel work (nftables deletes stale chains a second after
+links come or go, and ``pending_links`` (links whose attach failed), retried on every turn. Modes with deferred kernel work (nftables deletes stale chains a second after
 unlinking them) have ``housekeeping()``, which the agent calls between syncs.
 
 Switching modes on a node: a mode's start(), once it knows it can run, removes the objects the

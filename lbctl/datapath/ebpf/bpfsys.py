@@ -27,6 +27,11 @@ MAP_TYPE_LRU_PERCPU_HASH = 10
 PERCPU_TYPES = {MAP_TYPE_PERCPU_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_PERCPU_HASH}
 
 
+BATCH_ENTRIES = 4096         # entries per BPF_MAP_LOOKUP_BATCH call
+ENOTSUPP = 524               # the kernel's internal "not supported" (no batch op for this map type)
+_NO_BATCH = (-errno.EINVAL, -ENOTSUPP, -errno.EOPNOTSUPP)   # EINVAL: a kernel before batch ops
+
+
 class BpfError(OSError):
     pass
 
@@ -49,6 +54,12 @@ for _name, _args in {
     "bpf_prog_test_run_opts": [ctypes.c_int, ctypes.c_void_p],
     "bpf_map_update_batch": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                              ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p],
+    "bpf_map_lookup_batch": [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                             ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32), ctypes.c_void_p],
+    "bpf_map_delete_batch": [ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint32),
+                             ctypes.c_void_p],
+    "bpf_map_create": [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p],
 }.items():
     getattr(_libbpf, _name).argtypes = _args
     getattr(_libbpf, _name).restype = ctypes.c_int
@@ -89,6 +100,13 @@ def obj_pin(fd: int, path: str) -> None:
     _check(_libbpf.bpf_obj_pin(fd, path.encode()), f"pin {path}")
 
 
+def map_create(map_type: int, name: str, key_size: int, value_size: int, max_entries: int) -> int:
+    """A new map (not pinned); returns its file descriptor. For tests and measurements: the
+    datapath's maps are created by bcc from the program's definitions."""
+    return _check(_libbpf.bpf_map_create(map_type, name.encode()[:15], key_size, value_size,
+                                         max_entries, None), f"create map {name}")
+
+
 def map_info(fd: int) -> MapInfo:
     info = _MapInfo()
     size = ctypes.c_uint32(ctypes.sizeof(info))
@@ -109,6 +127,7 @@ class BpfMap:
         self._stride = (self.info.value_size + 7) // 8 * 8
         self._ncpu = possible_cpus() if self.percpu else 1
         self._value_len = self._stride * self._ncpu if self.percpu else self.info.value_size
+        self._batch_lookup = self._batch_delete = True   # until the kernel says otherwise
 
     @classmethod
     def open_pinned(cls, path: str) -> BpfMap:
@@ -136,20 +155,18 @@ class BpfMap:
         if ret == -errno.ENOENT:
             return None
         _check(ret, f"lookup in {self.name}")
-        raw = buf.raw
-        if self.percpu:
-            return [raw[i * self._stride:i * self._stride + self.info.value_size]
-                    for i in range(self._ncpu)]
-        return raw
+        return self._value(buf.raw)
 
     def update(self, key: bytes, value: bytes | list[bytes], flags: int = BPF_ANY) -> None:
-        if self.percpu:
+        if isinstance(value, list) or self.percpu:
             values = value if isinstance(value, list) else [value] * self._ncpu
-            value = b"".join(v.ljust(self._stride, b"\0") for v in values)
-        if len(value) != self._value_len:
-            raise ValueError(f"{self.name}: value of {len(value)} bytes, map wants {self._value_len}")
+            raw = b"".join(v.ljust(self._stride, b"\0") for v in values)
+        else:
+            raw = value
+        if len(raw) != self._value_len:
+            raise ValueError(f"{self.name}: value of {len(raw)} bytes, map wants {self._value_len}")
         _check(_libbpf.bpf_map_update_elem(self.fd, self._key(key),
-                                           ctypes.create_string_buffer(value, len(value)), flags),
+                                           ctypes.create_string_buffer(raw, len(raw)), flags),
                f"update {self.name}")
 
     def update_batch(self, items: list[tuple[bytes, bytes]]) -> None:
@@ -166,7 +183,7 @@ class BpfMap:
         ret = _libbpf.bpf_map_update_batch(self.fd, ctypes.create_string_buffer(keys, len(keys)),
                                            ctypes.create_string_buffer(values, len(values)),
                                            ctypes.byref(count), None)
-        if ret in (-errno.EINVAL, -524):  # 524: ENOTSUPP, kernel without batch ops for this map
+        if ret in _NO_BATCH:
             for k, v in items:
                 self.update(k, [v[i * self._stride:(i + 1) * self._stride] for i in range(self._ncpu)]
                             if self.percpu else v)
@@ -180,7 +197,84 @@ class BpfMap:
         _check(ret, f"delete from {self.name}")
         return True
 
-    def keys(self):
+    def delete_batch(self, keys: list[bytes]) -> int:
+        """Deletes many keys in few syscalls (BPF_MAP_DELETE_BATCH); keys already gone (an LRU
+        eviction meanwhile) are skipped. Returns how many were deleted."""
+        for key in keys:
+            self._key(key)
+        deleted = done = 0
+        while done < len(keys) and self._batch_delete:
+            rest = b"".join(keys[done:])
+            count = ctypes.c_uint32(len(keys) - done)
+            ret = _libbpf.bpf_map_delete_batch(self.fd, ctypes.create_string_buffer(rest, len(rest)),
+                                               ctypes.byref(count), None)
+            deleted += count.value
+            done += count.value
+            if ret == 0:
+                return deleted
+            if ret == -errno.ENOENT:    # this key was gone already: go on after it
+                done += 1
+                continue
+            if ret in _NO_BATCH and deleted == 0 and done == 0:
+                self._batch_delete = False
+                break
+            _check(ret, f"batch delete from {self.name}")
+        return deleted + sum(self.delete(key) for key in keys[done:])
+
+    # --- whole-map walks -------------------------------------------------------------------------
+
+    def batches(self, chunk: int = BATCH_ENTRIES):
+        """The map's entries as lists of (key, value), up to `chunk` per bpf(2) call
+        (BPF_MAP_LOOKUP_BATCH); one key at a time (get_next_key + lookup) where the kernel has no
+        batch lookup for this map type. Per-CPU values come back as lists, as from lookup()."""
+        if not self._batch_lookup:
+            yield from self._batches_by_key(chunk)
+            return
+        key_size, value_len = self.info.key_size, self._value_len
+        # The position token: a bucket index (u32) for hash maps, a key for arrays.
+        token_in, token_out = None, ctypes.create_string_buffer(max(key_size, 8))
+        keys = ctypes.create_string_buffer(key_size * chunk)
+        values = ctypes.create_string_buffer(value_len * chunk)
+        first = True
+        while True:
+            count = ctypes.c_uint32(chunk)
+            ret = _libbpf.bpf_map_lookup_batch(self.fd, token_in, token_out, keys, values,
+                                               ctypes.byref(count), None)
+            if first and ret in _NO_BATCH:
+                self._batch_lookup = False
+                yield from self._batches_by_key(chunk)
+                return
+            if ret == -errno.ENOSPC:    # one hash bucket holds more than `chunk` entries
+                chunk *= 2
+                keys = ctypes.create_string_buffer(key_size * chunk)
+                values = ctypes.create_string_buffer(value_len * chunk)
+                continue
+            if ret != -errno.ENOENT:    # ENOENT: this was the last batch (maybe empty)
+                _check(ret, f"batch lookup in {self.name}")
+            n = count.value
+            if n:
+                k = ctypes.string_at(keys, key_size * n)
+                v = ctypes.string_at(values, value_len * n)
+                yield [(k[i * key_size:(i + 1) * key_size], self._value(v[i * value_len:(i + 1) * value_len]))
+                       for i in range(n)]
+            if ret == -errno.ENOENT:
+                return
+            first = False
+            token_in = ctypes.create_string_buffer(token_out.raw, len(token_out.raw))
+
+    def _batches_by_key(self, chunk: int):
+        batch = []
+        for key in list(self._keys_one_by_one()):
+            value = self.lookup(key)
+            if value is not None:
+                batch.append((key, value))
+                if len(batch) == chunk:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    def _keys_one_by_one(self):
         size = self.info.key_size
         prev = None
         nxt = ctypes.create_string_buffer(size)
@@ -193,11 +287,24 @@ class BpfMap:
             yield key
             prev = ctypes.create_string_buffer(key, size)
 
+    def _value(self, raw: bytes) -> bytes | list[bytes]:
+        if self.percpu:
+            return [raw[i * self._stride:i * self._stride + self.info.value_size]
+                    for i in range(self._ncpu)]
+        return raw
+
     def items(self):
-        for key in list(self.keys()):
-            value = self.lookup(key)
-            if value is not None:
-                yield key, value
+        for batch in self.batches():
+            yield from batch
+
+    def keys(self):
+        for batch in self.batches():
+            for key, _ in batch:
+                yield key
+
+    def count(self) -> int:
+        """Number of entries (a batch walk: there is no bpf(2) call that counts)."""
+        return sum(len(batch) for batch in self.batches())
 
 
 @dataclass

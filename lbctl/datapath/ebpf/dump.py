@@ -7,24 +7,39 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
-from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf import decode, shared
 from lbctl.datapath.ebpf.bpfsys import BpfMap
 from lbctl.model.objects import Protocol
 
-STATE_DIR = "/run/lbctl"
+STATE_DIR = "/run/lbctl"   # the agent's files (bpffs holds no regular files); LBCTL_RUN_DIR overrides
 
+
+def state_dir() -> str:
+    """Where the agent keeps its files (lock, names, last good manifests): /run/lbctl, or
+    $LBCTL_RUN_DIR (the test suite points it at a directory of its own)."""
+    return os.environ.get("LBCTL_RUN_DIR") or STATE_DIR
+
+
+def pin_tag(pin_dir: str) -> str:
+    """A file name part for a pin dir: "/sys/fs/bpf/lbctl" -> "sys_fs_bpf_lbctl"."""
+    return pin_dir.strip("/").replace("/", "_")
 
 
 def state_file(pin_dir: str) -> str:
     """Where the agent records service names for a pin dir."""
-    tag = pin_dir.strip("/").replace("/", "_")
-    return os.path.join(STATE_DIR, f"agent-{tag}.json")
+    return os.path.join(state_dir(), f"agent-{pin_tag(pin_dir)}.json")
+
+
+def source_state_file(pin_dir: str) -> str:
+    """Where the agent's manifest source keeps the last good objects of every file, so that a
+    restart while a file does not parse keeps that file's services."""
+    return os.path.join(state_dir(), f"manifests-{pin_tag(pin_dir)}.json")
 
 
 def write_names(pin_dir: str, names: dict[int, str]) -> None:
-    os.makedirs(STATE_DIR, exist_ok=True)
+    os.makedirs(state_dir(), exist_ok=True)
     path = state_file(pin_dir)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -71,13 +86,28 @@ class ServiceRow:
 
 
 def _sum_stats(values) -> tuple[int, int, int]:
+    """(packets, bytes, flows) summed over the CPUs of one per-CPU lb_stats value."""
     packets = bytes_ = flows = 0
-    for raw in values or []:
-        s = shared.view("lb_stats", raw)
-        packets += s.packets
-        bytes_ += s.bytes
-        flows += s.flows
+    for raw in values or ():
+        p, b, f = decode.stats(raw)
+        packets += p
+        bytes_ += b
+        flows += f
     return packets, bytes_, flows
+
+
+def _stats_of(stats_map: BpfMap, ids: set[int]) -> dict[int, tuple[int, int, int]]:
+    """Counters of `ids`: one lookup each when they are few, else one batched walk of the
+    whole array (a lookup per id would be a syscall per service)."""
+    if len(ids) * 8 < stats_map.info.max_entries:
+        return {i: _sum_stats(stats_map.lookup(shared.u32(i))) for i in ids}
+    return {i: _sum_stats(value) for key, value in stats_map.items()
+            if (i := decode.u32(key)[0]) in ids}
+
+
+def _endpoint(address: bytes, port: int, proto: int) -> str:
+    name = decode.PROTOCOLS[proto].value if proto in decode.PROTOCOLS else str(proto)
+    return f"{decode.address(address)}:{decode.port(port)}/{name}"
 
 
 def collect(pin_dir: str) -> dict:
@@ -87,6 +117,7 @@ def collect(pin_dir: str) -> dict:
         raise FileNotFoundError(f"no lbctl maps pinned under {pin_dir}: is `lbctl run` running "
                                 "(or has it run since boot)?")
     names = read_names(pin_dir)
+    affinity_flag = shared.const("LB_SVC_F_AFFINITY")
     with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
             BpfMap.open_pinned(path("lb4_backends")) as be_map, \
             BpfMap.open_pinned(path("lb_service_stats")) as svc_stats, \
@@ -95,45 +126,48 @@ def collect(pin_dir: str) -> dict:
             BpfMap.open_pinned(path("lb4_ct")) as ct:
         backends = {}
         for key, value in be_map.items():
-            b = shared.view("lb4_backend", value)
-            backends[shared.parse_u32(key)] = (
-                f"{shared.from_be32(b.address)}:{shared.from_be16(b.port)}/"
-                f"{Protocol.from_number(b.proto).value}")
-        rows: dict[bytes, ServiceRow] = {}
-        slots: dict[bytes, list[tuple[int, int]]] = {}
+            address, port, proto, _ = decode.backend(value)
+            backends[decode.u32(key)[0]] = _endpoint(address, port, proto)
+        rows: dict[tuple, ServiceRow] = {}
+        slots: dict[tuple, list[tuple[int, int]]] = {}
         for key, value in svc_map.items():
-            k = shared.view("lb4_service_key", key)
-            v = shared.view("lb4_service_value", value)
-            fe_key = shared.service_key(shared.from_be32(k.address), shared.from_be16(k.dport), k.proto)
-            if k.backend_slot == 0:
-                fe = (f"{shared.from_be32(k.address)}:{shared.from_be16(k.dport)}/"
-                      f"{Protocol.from_number(k.proto).value}")
-                affinity = v.affinity_timeout if v.flags & shared.const("LB_SVC_F_AFFINITY") else 0
-                row = ServiceRow(v.service_id, names.get(v.service_id, ""), fe, v.count, affinity)
-                row.packets, row.bytes, row.flows = _sum_stats(svc_stats.lookup(shared.u32(v.service_id)))
-                rows[fe_key] = row
+            address, dport, slot, proto = decode.service_key(key)
+            backend_id, count, flags, service_id = decode.service_value(value)
+            frontend = (address, dport, proto)
+            if slot == 0:
+                # the union's first word is the affinity timeout in a frontend
+                rows[frontend] = ServiceRow(service_id, names.get(service_id, ""),
+                                            _endpoint(address, dport, proto), count,
+                                            backend_id if flags & affinity_flag else 0)
             else:
-                slots.setdefault(fe_key, []).append((k.backend_slot, v.backend_id))
-        for fe_key, row in rows.items():
-            for slot, backend_id in sorted(slots.get(fe_key, [])):
-                if slot > row.count:
-                    continue
-                b = BackendRow(slot, backend_id, backends.get(backend_id, "?"))
-                b.packets, b.bytes, b.flows = _sum_stats(be_stats.lookup(shared.u32(backend_id)))
-                row.backends.append(b)
+                slots.setdefault(frontend, []).append((slot, backend_id))
+        for frontend, row in rows.items():
+            row.backends = [BackendRow(slot, backend_id, backends.get(backend_id, "?"))
+                            for slot, backend_id in sorted(slots.get(frontend, ())) if slot <= row.count]
+        service_stats = _stats_of(svc_stats, {row.id for row in rows.values()})
+        backend_stats = _stats_of(be_stats, {b.id for row in rows.values() for b in row.backends})
+        for row in rows.values():
+            row.packets, row.bytes, row.flows = service_stats[row.id]
+            for b in row.backends:
+                b.packets, b.bytes, b.flows = backend_stats[b.id]
         counters = {}
         for index, name in enumerate(shared.stat_names()):
             values = glob.lookup(shared.u32(index)) or []
             counters[name] = sum(int.from_bytes(v[:8], "little") for v in values)
-        ct_entries = sum(1 for _ in ct.keys())
+        ct_entries = ct.count()
     services = sorted(rows.values(), key=lambda r: (r.name or "~", r.frontend))
     return {
         "pin_dir": pin_dir,
-        "services": [asdict(s) for s in services],
+        "services": [_plain(s) for s in services],
         "backends": len(backends),
         "conntrack_entries": ct_entries,
         "counters": counters,
     }
+
+
+def _plain(row: ServiceRow) -> dict:
+    """asdict() without its deep copies (a hundred thousand rows)."""
+    return dict(vars(row), backends=[vars(b).copy() for b in row.backends])
 
 
 def format_table(state: dict) -> str:

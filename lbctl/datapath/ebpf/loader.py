@@ -2,9 +2,10 @@
 
 Kernel objects lbctl creates, and nothing else:
   - maps pinned under ``pin_dir`` (default /sys/fs/bpf/lbctl), reused across restarts;
-  - one tc filter (bpf, direct-action, pref ``TC_PRIO`` handle ``TC_HANDLE``, named
-    ``TC_NAME``) at clsact ingress of every matching link, and the clsact qdisc when no
-    other filter remains on it.
+  - one tc filter (bpf, direct-action, handle ``TC_HANDLE``, named ``TC_NAME``) at clsact
+    ingress and one at egress of every matching link, at pref ``TC_PRIO`` unless another tool's
+    filter holds that pref (then the nearest free pref before it, said in the log), and the
+    clsact qdisc when no other filter remains on it.
 """
 from __future__ import annotations
 
@@ -15,13 +16,14 @@ import platform
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
 from lbctl.datapath.ebpf import shared
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
-from lbctl.datapath.ebpf.bpfsys import BpfMap, map_info, obj_get
+from lbctl.datapath.ebpf.bpfsys import BpfMap, map_info, obj_get, obj_pin
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +47,15 @@ MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_st
 
 @dataclass(frozen=True)
 class DatapathConfig:
-    """Map sizes (see README, "Sizing") and where the maps are pinned."""
+    """Map sizes (see README, "Sizing") and where the maps are pinned. The default sizes are the
+    shared header's (``LB_*_MAP_SIZE``, ``LB_SERVICE_IDS``): one definition for C and Python."""
 
     pin_dir: str = DEFAULT_PIN_DIR
-    max_services: int = 65536          # service ids, i.e. frontends (VIP:port/proto)
-    max_backends: int = 65536          # backend ids (distinct endpoint addresses)
-    services_map_size: int = 131072    # frontends + backend slots
-    ct_size: int = 262144              # conntrack entries, two per flow
-    affinity_size: int = 65536         # sessionAffinity entries (client, service)
+    max_services: int = shared.const("LB_SERVICE_IDS")               # service ids: frontends (VIP:port/proto)
+    max_backends: int = shared.const("LB_BACKENDS_MAP_SIZE")         # backend ids (endpoint address:port/proto)
+    services_map_size: int = shared.const("LB_SERVICES_MAP_SIZE")    # frontends + backend slots
+    ct_size: int = shared.const("LB_CT_MAP_SIZE")                    # conntrack entries, two per flow
+    affinity_size: int = shared.const("LB_AFFINITY_MAP_SIZE")        # sessionAffinity entries (client, service)
     devices: tuple[str, ...] = DEFAULT_DEVICES
     node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
 
@@ -141,7 +144,7 @@ class EbpfDatapath:
 
     def __init__(self, cfg: DatapathConfig = DatapathConfig()):
         self.cfg = cfg
-        self.bpf = None
+        self.bpf: Any = None       # bcc.BPF once loaded
         self.prog_fd = -1          # ingress program (the one BPF_PROG_TEST_RUN tests drive)
         self.egress_fd = -1
         self.maps: dict[str, BpfMap] = {}
@@ -149,6 +152,7 @@ class EbpfDatapath:
     def load(self) -> EbpfDatapath:
         ensure_bpffs()
         check_kernel_headers()
+        made_dir = not os.path.isdir(self.cfg.pin_dir)
         os.makedirs(self.cfg.pin_dir, exist_ok=True)
         check_pins(self.cfg)
         from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
@@ -159,6 +163,8 @@ class EbpfDatapath:
             self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
             self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
         except Exception as exc:
+            if made_dir:   # a first load: the maps bcc pinned before it failed are new, unused
+                remove_pins(self.cfg.pin_dir)
             raise DatapathError(f"compiling/loading {src} failed: {exc}") from exc
         for name in MAPS:
             self.maps[name] = BpfMap.open_pinned(os.path.join(self.cfg.pin_dir, name))
@@ -190,9 +196,37 @@ def _filters(ipr, index: int, parent: int) -> list:
 
 
 def _ours(f, tc_name: str) -> bool:
+    """Our filter, whatever pref it got (TC_PRIO, or a free one next to it)."""
     opts = f.get_attr("TCA_OPTIONS")
     name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
-    return f.get_attr("TCA_KIND") == "bpf" and name == tc_name and f["info"] >> 16 == TC_PRIO
+    return f.get_attr("TCA_KIND") == "bpf" and name == tc_name and bool(f["handle"])
+
+
+def _pref(f) -> int:
+    return f["info"] >> 16
+
+
+def _describe(f) -> str:
+    return f"{f.get_attr('TCA_KIND') or '?'} filter (pref {_pref(f)}, handle {f['handle']:#x})"
+
+
+def choose_pref(filters: list, tc_name: str) -> tuple[int, list]:
+    """The pref for our filter on one hook: where it already is; else TC_PRIO when no other
+    filter uses it; else the nearest free pref below (tc runs lower prefs first, so lbctl still
+    sees every packet it would have seen at TC_PRIO), else the nearest above. Returns the pref
+    and the foreign filters at TC_PRIO that made us move (to be named in the log)."""
+    ours = [f for f in filters if _ours(f, tc_name)]
+    if ours:
+        return _pref(ours[0]), []
+    taken = {_pref(f) for f in filters}
+    if TC_PRIO not in taken:
+        return TC_PRIO, []
+    blockers = [f for f in filters if _pref(f) == TC_PRIO and f["handle"]]
+    for pref in [*range(TC_PRIO - 1, 0, -1), *range(TC_PRIO + 1, 0x10000)]:
+        if pref not in taken:
+            return pref, blockers
+    raise DatapathError("every tc filter pref (1-65535) is taken: "
+                        + ", ".join(_describe(f) for f in blockers))
 
 
 def _our_filters(ipr, index: int, tc_name: str) -> list[tuple[int, object]]:
@@ -206,26 +240,40 @@ def is_attached(ipr, index: int, tc_name: str = TC_NAME) -> bool:
     return {parent for parent, _ in _our_filters(ipr, index, tc_name)} == {TC_INGRESS, TC_EGRESS}
 
 
-def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME) -> None:
+def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME) -> list[str]:
     """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
     Ingress sees requests from the pod and replies of local backends; egress sees replies that
-    reach the pod from elsewhere (a backend on another node, via the uplink)."""
+    reach the pod from elsewhere (a backend on another node, via the uplink).
+
+    A foreign filter at TC_PRIO (another tool's) would make the kernel refuse ours (EINVAL:
+    one pref holds filters of one kind): ours then takes a free pref next to it
+    (``choose_pref``). Returns one note per such move, naming the foreign filter."""
     try:
         ipr.tc("add", "clsact", index)
     except Exception as exc:  # EEXIST: clsact already there (ours or another tool's)
         if getattr(exc, "code", None) != 17:
             raise
+    notes = []
     for parent, fd in ((TC_INGRESS, prog_fd), (TC_EGRESS, egress_fd)):
+        pref, blockers = choose_pref(_filters(ipr, index, parent), tc_name)
+        if blockers:
+            hook = "ingress" if parent == TC_INGRESS else "egress"
+            kinds = " and ".join(sorted({f.get_attr("TCA_KIND") or "?" for f in blockers}))
+            notes.append(f"{hook} pref {TC_PRIO} holds another tool's {kinds} filter "
+                         f"(handle {blockers[0]['handle']:#x}): lbctl's filter is at pref "
+                         f"{pref}{', before it' if pref < TC_PRIO else ''} (lbctl passes packets on "
+                         "with TC_ACT_OK: filters after it at this hook see none)")
         ipr.tc("replace-filter", "bpf", index, TC_HANDLE, fd=fd, name=tc_name,
-               parent=parent, prio=TC_PRIO, direct_action=True, protocol=ETH_P_ALL)
+               parent=parent, prio=pref, direct_action=True, protocol=ETH_P_ALL)
+    return notes
 
 
 def detach(ipr, index: int, tc_name: str = TC_NAME) -> bool:
     """Removes our filters from one link, and clsact if no other filter is left on it."""
     removed = False
-    for parent, _ in _our_filters(ipr, index, tc_name):
+    for parent, f in _our_filters(ipr, index, tc_name):
         try:
-            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO,
+            ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=_pref(f),
                    protocol=ETH_P_ALL)
             removed = True
         except Exception as exc:
@@ -255,6 +303,19 @@ def detach_all(tc_name: str = TC_NAME) -> list[str]:
             if detach(ipr, index, tc_name):
                 names.append(name)
     return names
+
+
+def repin(datapath: EbpfDatapath) -> list[str]:
+    """Pins again the maps of a loaded datapath whose pins were removed (a `lbctl cleanup
+    --force` while the agent runs: the program still uses the maps, nothing else can reach
+    them). Returns the names pinned again."""
+    missing = [name for name in datapath.maps
+               if not os.path.exists(os.path.join(datapath.cfg.pin_dir, name))]
+    if missing:
+        os.makedirs(datapath.cfg.pin_dir, exist_ok=True)
+    for name in missing:
+        obj_pin(datapath.maps[name].fd, os.path.join(datapath.cfg.pin_dir, name))
+    return missing
 
 
 def remove_pins(pin_dir: str = DEFAULT_PIN_DIR) -> list[str]:

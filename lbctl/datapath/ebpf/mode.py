@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from lbctl.datapath.base import SyncResult, cleanup_other_modes
@@ -19,14 +20,19 @@ class EbpfMode:
 
     name = "ebpf"
 
-    def __init__(self, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig()):
+    def __init__(self, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig(), switch_modes: bool = True):
+        """`switch_modes`: after the first sync, remove what the other modes left on this node
+        (`lbctl run`); the demo, a guest on someone's node, passes False."""
         self.cfg = cfg
+        self.switch_modes = switch_modes
         self.datapath: ebpf.EbpfDatapath | None = None
         self.reconciler: Reconciler | None = None
         self.attached: dict[int, str] = {}
+        self.failed: dict[int, tuple[str, str]] = {}   # ifindex -> (name, why): retried every turn
         self.desired = DesiredState()
         self.problems: tuple = ()
         self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
+        self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
 
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
@@ -35,22 +41,48 @@ class EbpfMode:
         log.info("eBPF datapath loaded; %d services and %d backends restored from %s",
                  len(self.reconciler.services), len(self.reconciler.backend_ids), self.cfg.pin_dir)
 
+    def _loaded(self) -> tuple[ebpf.EbpfDatapath, Reconciler]:
+        if self.datapath is None or self.reconciler is None:
+            raise RuntimeError("EbpfMode: start() first")
+        return self.datapath, self.reconciler
+
     def sync(self, ports: Sequence[ServicePortInfo] | None = None) -> SyncResult:
         """Programs `ports`; with None, retries the last desired state (after a failed sync)."""
+        _, reconciler = self._loaded()
         if ports is not None:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name)
-        result = self.reconciler.sync(self.desired)
-        if not self.reconciler.dirty:
-            names = self.reconciler.service_names(self.desired)
-            if names != self._names:
-                dump.write_names(self.cfg.pin_dir, names)
-                self._names = names
+        result = reconciler.sync(self.desired)
+        if not reconciler.dirty:
+            self._write_names(reconciler)
             if not self._switched:
                 # Switching modes: only now that this datapath is attached and programmed are
                 # the other modes' objects removed, so that services never go unserved.
-                cleanup_other_modes(self.name, self.cfg.pin_dir)
+                if self.switch_modes:
+                    cleanup_other_modes(self.name, self.cfg.pin_dir)
                 self._switched = True
         return result
+
+    def resync(self) -> SyncResult:
+        """The periodic full resync: pins removed behind our back are restored, then the maps are
+        read back and every difference from the desired state repaired."""
+        datapath, reconciler = self._loaded()
+        repinned = ebpf.repin(datapath)
+        if repinned:
+            log.warning("pinned maps %s were removed by someone else: pinned again under %s",
+                        ", ".join(repinned), self.cfg.pin_dir)
+        if not os.path.exists(dump.state_file(self.cfg.pin_dir)):
+            self._names = None          # removed (`lbctl cleanup --force`): written again
+        result = reconciler.resync(self.desired)
+        if not reconciler.dirty:
+            self._write_names(reconciler)
+        return result
+
+    def _write_names(self, reconciler: Reconciler) -> None:
+        """The service names `lbctl dump maps` shows, written when they change."""
+        names = reconciler.service_names(self.desired)
+        if names != self._names:
+            dump.write_names(self.cfg.pin_dir, names)
+            self._names = names
 
     @property
     def needs_retry(self) -> bool:
@@ -79,18 +111,37 @@ class EbpfMode:
                 self._attach(ipr, index, name)
         for index in set(self.attached) - set(present):
             log.info("link %s is gone", self.attached.pop(index))
+        for index in set(self.failed) - set(present):
+            log.info("link %s is gone (its attach had failed)", self.failed.pop(index)[0])
+            self._notes.pop(index, None)
         if verify:
             for index, name in ebpf.attached_links(ipr, self.cfg.tc_name):
                 if index not in present and ebpf.detach(ipr, index, self.cfg.tc_name):
                     log.info("detached from %s: it no longer matches %s", name, ",".join(self.cfg.devices))
 
+    @property
+    def pending_links(self) -> bool:
+        """Links whose attach failed: the agent retries them on every turn."""
+        return bool(self.failed)
+
     def _attach(self, ipr, index: int, name: str) -> None:
         try:
-            ebpf.attach(ipr, index, self.datapath.prog_fd, self.datapath.egress_fd, self.cfg.tc_name)
-            self.attached[index] = name
-            log.info("attached to %s (ifindex %d)", name, index)
-        except Exception as exc:  # a link that vanished meanwhile, or a busy device
-            log.warning("could not attach to %s (ifindex %d): %s", name, index, exc)
+            datapath, _ = self._loaded()
+            notes = ebpf.attach(ipr, index, datapath.prog_fd, datapath.egress_fd, self.cfg.tc_name)
+        except Exception as exc:  # a link that vanished meanwhile, a busy device, a bug
+            why = str(exc) or type(exc).__name__
+            if self.failed.get(index) != (name, why):   # each reason logged once
+                log.warning("could not attach to %s (ifindex %d): %s; retrying every turn",
+                            name, index, why)
+            self.failed[index] = (name, why)
+            return
+        self.attached[index] = name
+        retried = self.failed.pop(index, None)
+        log.info("attached to %s (ifindex %d)%s", name, index, " after all" if retried else "")
+        if notes != self._notes.get(index):
+            for note in notes:
+                log.warning("%s: %s", name, note)
+            self._notes[index] = notes
 
     # --- the end ---------------------------------------------------------------------------------
 

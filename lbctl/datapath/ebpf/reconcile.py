@@ -13,8 +13,11 @@ Cilium's order, in which a packet never sees a half-made service:
   4. backends no longer named by any slot.
 
 A service that cannot be programmed (no free id, too many endpoints) is reported in the result
-and skipped; the others are programmed. A failed map write aborts the sync: the next one
-re-reads the maps first.
+and skipped; the others are programmed. The mirror changes only after the writes it describes
+succeeded, and any exception (a refused write, a bad value, a bug) aborts the sync and makes the
+next one re-read the maps first. ``resync()`` (the agent's ``--sync-period``, kube-proxy's
+syncPeriod) re-reads the maps on purpose and repairs whatever differs from the desired state:
+entries deleted or changed behind the agent's back.
 
 (Before all that, slots left beyond a frontend's count by an interrupted sync are dropped.)
 
@@ -24,11 +27,12 @@ Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
-from lbctl.datapath.ebpf import shared
-from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol, ServiceEntry
+from lbctl.datapath.ebpf import decode, shared
+from lbctl.model.objects import Backend, DesiredState, Frontend, ServiceEntry
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,6 @@ F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
 F_DROP = shared.const("LB_SVC_F_DROP")
 F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
 MAX_SLOTS = 0xFFFF   # lb4_service_value.count and lb4_service_key.backend_slot are u16
-
-
 @dataclass(frozen=True)
 class ProgrammedService:
     frontend: Frontend
@@ -76,6 +78,10 @@ class IdAllocator:
         self.used.discard(value)
 
 
+def _frontend(address: bytes, dport: int, proto: int) -> Frontend:
+    return Frontend(decode.address(address), decode.port(dport), decode.PROTOCOLS[proto])
+
+
 def _order(f: Frontend | Backend) -> tuple:
     return f.address, f.port, f.protocol.value
 
@@ -94,47 +100,62 @@ class Reconciler:
     # --- state recovered from the maps ----------------------------------------------------------
 
     def restore(self) -> None:
-        """Rebuilds the mirror from the maps: what a restarted agent finds is what it keeps."""
+        """Rebuilds the mirror from the maps: what a restarted agent finds is what it keeps.
+
+        Entries lbctl cannot have written (a protocol it does not program) are remembered as
+        junk, deleted by the next sync once nothing reachable names them."""
         self.backend_ids: dict[Backend, int] = {}
         self.backend_flags: dict[int, int] = {}
         self.service_ids = IdAllocator(self.max_services, "service")
         self.backend_alloc = IdAllocator(self.max_backends, "backend")
         self.services: dict[Frontend, ProgrammedService] = {}
+        self._junk_backends: list[int] = []
+        self._junk_keys: list[bytes] = []
         for key, value in self.maps[BACKENDS].items():
-            b = shared.view("lb4_backend", value)
-            backend_id = shared.parse_u32(key)
-            backend = Backend(shared.from_be32(b.address), shared.from_be16(b.port),
-                              Protocol.from_number(b.proto))
-            self.backend_ids[backend] = backend_id
-            self.backend_flags[backend_id] = b.flags
+            backend_id = decode.u32(key)[0]
+            address, port, proto, flags = decode.backend(value)
             self.backend_alloc.take(backend_id)
-        frontends: dict[Frontend, tuple[int, int, int]] = {}
-        slots: dict[Frontend, dict[int, int]] = {}
+            if proto not in decode.PROTOCOLS:
+                self._junk_backends.append(backend_id)
+                continue
+            backend = Backend(decode.address(address), decode.port(port), decode.PROTOCOLS[proto])
+            self.backend_ids[backend] = backend_id
+            self.backend_flags[backend_id] = flags
+        # keyed by the raw (address, port, proto) of the key: cheaper to hash than a Frontend
+        frontends: dict[tuple, tuple[int, int, int, int]] = {}
+        slots: dict[tuple, dict[int, int]] = {}
         for key, value in self.maps[SERVICES].items():
-            k = shared.view("lb4_service_key", key)
-            v = shared.view("lb4_service_value", value)
-            fe = Frontend(shared.from_be32(k.address), shared.from_be16(k.dport),
-                          Protocol.from_number(k.proto))
-            if k.backend_slot == 0:
-                affinity = v.affinity_timeout if v.flags & F_AFFINITY else 0
-                frontends[fe] = (v.service_id, v.count, affinity, v.flags)
+            address, dport, slot, proto = decode.service_key(key)
+            if proto not in decode.PROTOCOLS:
+                self._junk_keys.append(key)
+                continue
+            backend_id, count, flags, service_id = decode.service_value(value)
+            raw = (address, dport, proto)
+            if slot == 0:
+                # the union's first word: the affinity timeout in a frontend
+                frontends[raw] = (service_id, count, backend_id if flags & F_AFFINITY else 0, flags)
+            elif raw in slots:
+                slots[raw][slot] = backend_id
             else:
-                slots.setdefault(fe, {})[k.backend_slot] = v.backend_id
-        for fe, (service_id, count, affinity, flags) in frontends.items():
-            have = slots.get(fe, {})
+                slots[raw] = {slot: backend_id}
+        no_slots: dict[int, int] = {}
+        for raw, (service_id, count, affinity, flags) in frontends.items():
+            fe = _frontend(*raw)
+            have = slots.get(raw, no_slots)
             ids = tuple(have.get(i, 0) for i in range(1, count + 1))
             self.services[fe] = ProgrammedService(fe, service_id, ids, affinity, flags)
             self.service_ids.take(service_id)
         # Slots beyond a frontend's count, or without a frontend, are leftovers of an
         # interrupted sync: remember them so the next sync deletes them.
-        self._stale_slots = [
-            (fe, slot) for fe, have in slots.items() for slot in have
-            if slot > len(self.services.get(fe, ProgrammedService(fe, 0, ())).backend_ids)
-        ]
+        self._stale_slots = []
+        for raw, have in slots.items():
+            count = frontends[raw][1] if raw in frontends else 0
+            if max(have) > count:
+                fe = _frontend(*raw)
+                self._stale_slots += [(fe, slot) for slot in have if slot > count]
         if AFFINITY in self.maps:   # left by a sync that failed before it could drop them
             in_use = {p.service_id for p in self.services.values()}
-            self._forget_affinity({shared.view("lb4_affinity_key", k).service_id
-                                   for k, _ in self.maps[AFFINITY].items()} - in_use)
+            self._forget_affinity(lambda service_id: service_id not in in_use)
         self.dirty = False
 
     # --- the sync ----------------------------------------------------------------------------------
@@ -142,39 +163,62 @@ class Reconciler:
     def sync(self, desired: DesiredState) -> SyncResult:
         """Makes the maps hold `desired`. Any failure leaves the maps valid (never a
         half-made service) and makes the next sync start from a fresh read of the maps."""
-        if self.dirty:
-            log.warning("previous sync failed: re-reading the maps for a full resync")
-            self.restore()
         result = SyncResult()
         try:
+            if self.dirty:
+                log.warning("previous sync failed: re-reading the maps for a full resync")
+                self.restore()
             self._sync(desired, result)
-        except OSError as exc:
-            self.dirty = True
+        except Exception as exc:
+            self._failed(result, exc)
+        return result
+
+    def resync(self, desired: DesiredState) -> SyncResult:
+        """Re-reads the maps and repairs whatever differs from `desired` (entries deleted or
+        changed by someone else, a write lost in a crash): the periodic full resync."""
+        try:
+            self.restore()
+        except Exception as exc:
+            result = SyncResult()
+            self._failed(result, exc)
+            return result
+        return self.sync(desired)
+
+    def _failed(self, result: SyncResult, exc: Exception) -> None:
+        self.dirty = True
+        if isinstance(exc, OSError):
             result.errors.append(str(exc))
             log.error("sync failed, will resync from the maps: %s", exc)
-        return result
+        else:   # not the kernel refusing: a bug, logged with its traceback
+            result.errors.append(f"{type(exc).__name__}: {exc}")
+            log.exception("sync failed (%s), will resync from the maps", type(exc).__name__)
 
     def _sync(self, desired: DesiredState, result: SyncResult) -> None:
         services, backends = self.maps[SERVICES], self.maps[BACKENDS]
 
-        # 0. slots no frontend counts (an interrupted sync): unreachable, so safe to drop first
+        # 0. slots no frontend counts (an interrupted sync), entries of protocols lbctl does not
+        #    program (not lbctl's): unreachable, so safe to drop first
         for fe, slot in self._stale_slots:
             services.delete(_frontend_key(fe, slot))
         self._stale_slots = []
+        for key in self._junk_keys:
+            services.delete(key)
+        self._junk_keys = []
 
         # 1. services no longer wanted, first, so that what they free (map room, ids) serves
         #    the additions below: frontend first (no new packet selects it), then its slots
         released = []
         for fe in sorted(self.services.keys() - desired.services.keys(), key=_order):
-            old = self.services[fe]
+            gone = self.services[fe]
             services.delete(_frontend_key(fe, 0))
-            for slot in range(1, len(old.backend_ids) + 1):
+            for slot in range(1, len(gone.backend_ids) + 1):
                 services.delete(_frontend_key(fe, slot))
             del self.services[fe]
-            self.service_ids.release(old.service_id)
-            released.append(old.service_id)
+            self.service_ids.release(gone.service_id)
+            released.append(gone.service_id)
             result.removed += 1
-        self._forget_affinity(set(released))
+        if released:
+            self._forget_affinity(set(released).__contains__)
 
         # 2. backends the desired services need; a service whose backends cannot all get an id
         #    (the backend map is full) is left as it is, and said so
@@ -195,7 +239,11 @@ class Reconciler:
 
         # 3. new and changed services: all their slots, then their frontends, then surplus
         #    slots (batched per step, so each frontend is still written after its own slots)
-        slot_writes, frontend_writes, surplus, new_ids = [], [], [], []
+        slot_writes: list[tuple[bytes, bytes]] = []
+        frontend_writes: list[tuple[bytes, bytes]] = []
+        surplus: list[bytes] = []
+        new_ids: list[int] = []
+        programmed: list[ProgrammedService] = []
         for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
             flags = (F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
@@ -232,12 +280,14 @@ class Reconciler:
                                     shared.service_value(count=len(ids), service_id=service_id, flags=flags,
                                                          affinity_timeout=entry.affinity_timeout)))
             surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
-            self.services[fe] = ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags)
+            programmed.append(ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags))
         self._zero(SERVICE_STATS, new_ids)
         services.update_batch(slot_writes)
         services.update_batch(frontend_writes)
         for key in surplus:
             services.delete(key)
+        for p in programmed:   # the mirror follows the maps, once they hold it
+            self.services[p.frontend] = p
 
         # 4. backends: those in no slot but still draining established flows are flagged (no
         #    new flow, no affinity); the rest no slot names any more are deleted (their flows
@@ -258,15 +308,21 @@ class Reconciler:
                 backends.update(shared.u32(backend_id), shared.backend_value(
                     backend.address, backend.port, backend.protocol.number, flags))
                 self.backend_flags[backend_id] = flags
+        for backend_id in [i for i in self._junk_backends if i not in in_slots]:
+            backends.delete(shared.u32(backend_id))
+            self._junk_backends.remove(backend_id)
+            self.backend_alloc.release(backend_id)
 
-    def _forget_affinity(self, service_ids: set[int]) -> None:
-        """Drops affinity entries of service ids no frontend uses: the id may serve another
-        service next, whose clients must not inherit them."""
-        if not service_ids or AFFINITY not in self.maps:
+    def _forget_affinity(self, released: Callable[[int], bool]) -> None:
+        """Drops affinity entries of service ids no frontend uses (`released(id)` is true):
+        the id may serve another service next, whose clients must not inherit them. One
+        batched walk of the map."""
+        if AFFINITY not in self.maps:
             return
-        for key, _ in list(self.maps[AFFINITY].items()):
-            if shared.view("lb4_affinity_key", key).service_id in service_ids:
-                self.maps[AFFINITY].delete(key)
+        affinity = self.maps[AFFINITY]
+        stale = [key for key, _ in affinity.items() if released(decode.u32(key, decode.AFFINITY_SERVICE_ID)[0])]
+        if stale:
+            affinity.delete_batch(stale)
 
     def _zero(self, stats_map: str, indexes: list[int]) -> None:
         """Counters of a newly allocated id start at zero (the id may have served before)."""
