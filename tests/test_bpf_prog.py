@@ -39,7 +39,14 @@ def program(dp, services: dict[str, tuple], affinity: int = 0) -> None:
 
 
 def run(dp, pkt: bytes):
+    """Through the ingress program (a pod's packet entering the node)."""
     res = bpfsys.prog_test_run(dp.prog_fd, bytes(pkt))
+    return res.retval, res.data
+
+
+def run_egress(dp, pkt: bytes):
+    """Through the egress program (a packet on its way into a pod: where replies are translated)."""
+    res = bpfsys.prog_test_run(dp.egress_fd, bytes(pkt))
     return res.retval, res.data
 
 
@@ -114,11 +121,24 @@ def test_reply_is_reverse_nated_to_the_service_address(datapath):
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40002, 80, "tcp"))
     reply = frame(B1, CLIENT, 8080, 40002, "tcp", flags=TCP_SYN | TCP_ACK, payload=b"x")
-    verdict, out = run(datapath, reply)
+    verdict, out = run_egress(datapath, reply)
     assert verdict == TC_ACT_OK
     p = assert_checksums_valid(out)
     assert (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport) == (VIP, 80, CLIENT, 40002)
     assert global_stat(datapath, "revnat") == 1
+
+
+def test_a_local_backends_reply_enters_the_node_untouched(datapath):
+    """At ingress of the backend's link the reply is left as it is: netfilter and routing see
+    backend -> client, the reverse of the client -> backend they saw first (rewritten there to
+    VIP -> client, nf_conntrack would call it INVALID and strict rp_filter would drop it). It is
+    translated at egress of the client's link."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40004, 80, "tcp"))
+    reply = frame(B1, CLIENT, 8080, 40004, "tcp", flags=TCP_SYN | TCP_ACK)
+    assert run(datapath, reply) == (TC_ACT_OK, reply)
+    assert global_stat(datapath, "revnat") == 0
+    assert Ether(run_egress(datapath, reply)[1])[IP].src == VIP
 
 
 def test_ip_options_are_skipped_to_find_the_ports(datapath):
@@ -209,18 +229,43 @@ def ct_entry(dp, src, dst, sport, dport, proto=6, direction="LB_CT_FORWARD"):
     return key, (shared.view("lb4_ct_value", raw) if raw is not None else None)
 
 
-def lifetime_left(dp, entry) -> float:
+SEEN_PKT, SEEN_FIN, SEEN_RST = (shared.const(f"LB_CT_SEEN_{n}") for n in ("PKT", "FIN", "RST"))
+
+
+def closing(entry) -> bool:
+    return bool((entry.tx_state | entry.rx_state) & SEEN_RST or entry.tx_state & entry.rx_state & SEEN_FIN)
+
+
+def lifetime_left(entry, proto: int = 6) -> float:
+    """Seconds until the entry expires, derived from both sides' state as the program does."""
     import time
-    return (entry.expires - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) / 1e9
+    if proto != 6:
+        seconds = shared.const("LB_CT_LIFETIME_NONTCP")
+    elif closing(entry):
+        seconds = shared.const("LB_CT_LIFETIME_CLOSING")
+    elif entry.rx_state & SEEN_PKT:
+        seconds = shared.const("LB_CT_LIFETIME_TCP")
+    else:
+        seconds = shared.const("LB_CT_LIFETIME_SYN")
+    return (entry.last_seen - time.clock_gettime_ns(time.CLOCK_MONOTONIC)) / 1e9 + seconds
+
+
+def set_fields(dp, key: bytes, **fields) -> None:
+    """Rewrites fields of a conntrack entry in place (as time passing, or another CPU, would)."""
+    raw = bytearray(dp.maps["lb4_ct"].lookup(key))
+    view = shared.view("lb4_ct_value", bytes(raw))
+    for name, value in fields.items():
+        setattr(view, name, value)
+    dp.maps["lb4_ct"].update(key, bytes(shared.ffi.buffer(view)))
 
 
 def test_new_syn_after_close_chooses_again(datapath):
     program(datapath, {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080", f"{B2}:8080"])})
     backend = Ether(run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp"))[1])[IP].dst
     run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp", flags=TCP_FIN | TCP_ACK))
-    run(datapath, frame(backend, CLIENT, 8080, 40030, "tcp", flags=TCP_FIN | TCP_ACK))
+    run_egress(datapath, frame(backend, CLIENT, 8080, 40030, "tcp", flags=TCP_FIN | TCP_ACK))
     _, fwd = ct_entry(datapath, CLIENT, VIP, 40030, 80)
-    assert fwd.flags & shared.const("LB_CT_F_CLOSING")
+    assert closing(fwd) and lifetime_left(fwd) <= shared.const("LB_CT_LIFETIME_CLOSING")
     run(datapath, frame(CLIENT, VIP, 40030, 80, "tcp", flags=TCP_SYN))
     assert global_stat(datapath, "svc_reselect") == 1
     assert global_stat(datapath, "svc_new_flow") == 2
@@ -232,40 +277,104 @@ def test_half_closed_flow_stays_established(datapath):
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40031, 80, "tcp"))
     _, fwd = ct_entry(datapath, CLIENT, VIP, 40031, 80)
-    assert lifetime_left(datapath, fwd) <= 60, "no reply yet: a short lifetime"
-    run(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_SYN | TCP_ACK))
+    assert lifetime_left(fwd) <= 60, "no reply yet: a short lifetime"
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_SYN | TCP_ACK))
     run(datapath, frame(CLIENT, VIP, 40031, 80, "tcp", flags=TCP_FIN | TCP_ACK))
     _, fwd = ct_entry(datapath, CLIENT, VIP, 40031, 80)
-    assert fwd.flags & shared.const("LB_CT_F_SEEN_REPLY") and fwd.flags & shared.const("LB_CT_F_FIN_CLIENT")
-    assert not fwd.flags & shared.const("LB_CT_F_CLOSING")
-    assert lifetime_left(datapath, fwd) > 3600
-    verdict, out = run(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_ACK, payload=b"more"))
+    assert fwd.rx_state & SEEN_PKT and fwd.tx_state & SEEN_FIN
+    assert not closing(fwd)
+    assert lifetime_left(fwd) > 3600
+    verdict, out = run_egress(datapath, frame(B1, CLIENT, 8080, 40031, "tcp", flags=TCP_ACK, payload=b"more"))
     assert Ether(out)[IP].src == VIP
+
+
+def test_fins_from_both_sides_on_two_cpus_close_the_flow(datapath):
+    """The two directions of a flow are handled on two CPUs at once. Here both read the forward
+    entry before either wrote: the client's FIN (CPU 0) lands first, then every field the
+    backend's FIN (CPU 1) wrote, computed from what CPU 1 had read, lands on top, as plain
+    stores do. Each direction writes only its own state byte, so the flow still closes; with one
+    shared flags byte (read-modify-write from both sides) CPU 1 wrote back the byte without the
+    client's FIN, and the closed flow stayed established for 6 hours."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40034, 80, "tcp"))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40034, "tcp", flags=TCP_SYN | TCP_ACK))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 40034, 80)
+    ct = datapath.maps["lb4_ct"]
+    both_read = ct.lookup(key)                       # what CPU 0 and CPU 1 read
+    run(datapath, frame(CLIENT, VIP, 40034, 80, "tcp", flags=TCP_FIN | TCP_ACK))   # CPU 0
+    after_cpu0 = ct.lookup(key)
+    ct.update(key, both_read)                        # CPU 1 starts from the same entry...
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40034, "tcp", flags=TCP_FIN | TCP_ACK))
+    cpu1 = shared.view("lb4_ct_value", ct.lookup(key))
+    read = shared.view("lb4_ct_value", both_read)
+    merged = shared.view("lb4_ct_value", after_cpu0)
+    written = [f for f in shared.fields("lb4_ct_value") if f not in ("pad", "pad2")
+               and getattr(cpu1, f) != getattr(read, f)]
+    assert written, "the backend's FIN changed the entry"
+    for f in written:                                # ...and its stores land after CPU 0's
+        setattr(merged, f, getattr(cpu1, f))
+    ct.update(key, bytes(shared.ffi.buffer(merged)))
+    _, fwd = ct_entry(datapath, CLIENT, VIP, 40034, 80)
+    assert closing(fwd), f"CPU 1 wrote {written}: the client's FIN was lost"
+    assert lifetime_left(fwd) <= shared.const("LB_CT_LIFETIME_CLOSING")
 
 
 def test_leftover_reply_entry_does_not_hijack_a_direct_connection(datapath):
     """After a flow ended, the same client port talking to the pod directly is left alone."""
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40032, 80, "tcp"))
-    key, fwd = ct_entry(datapath, CLIENT, VIP, 40032, 80)
-    expired = shared.new("lb4_ct_value", **{f: getattr(fwd, f) for f in shared.fields("lb4_ct_value") if f != "pad"})
-    expired = bytearray(expired)
-    expired[shared.offsetof("lb4_ct_value", "expires"):shared.offsetof("lb4_ct_value", "expires") + 8] = (1).to_bytes(8, "little")
-    datapath.maps["lb4_ct"].update(key, bytes(expired))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 40032, 80)
+    set_fields(datapath, key, last_seen=1)                    # long expired
     direct = frame(B1, CLIENT, 8080, 40032, "tcp", flags=TCP_SYN | TCP_ACK)
-    verdict, out = run(datapath, direct)
+    verdict, out = run_egress(datapath, direct)
     assert verdict == TC_ACT_OK and out == direct
-    assert global_stat(datapath, "stale_reply") == 1
+    assert global_stat(datapath, "stale_reply") == 1 and global_stat(datapath, "ct_evicted") == 0
     assert ct_entry(datapath, B1, CLIENT, 8080, 40032, direction="LB_CT_REPLY")[1] is None, "leftover removed"
 
 
 def test_reply_without_its_forward_entry_passes_untouched(datapath):
+    """The LRU evicted the flow's forward entry: its reply entry alone cannot say whether the
+    flow lives, so the reply passes untouched and is counted as an eviction, not a finished flow."""
     program(datapath, WEB)
     run(datapath, frame(CLIENT, VIP, 40033, 80, "tcp"))
     key, _ = ct_entry(datapath, CLIENT, VIP, 40033, 80)
     datapath.maps["lb4_ct"].delete(key)
     reply = frame(B1, CLIENT, 8080, 40033, "tcp", flags=TCP_SYN | TCP_ACK)
-    assert run(datapath, reply) == (TC_ACT_OK, reply)
+    assert run_egress(datapath, reply) == (TC_ACT_OK, reply)
+    assert global_stat(datapath, "ct_evicted") == 1 and global_stat(datapath, "stale_reply") == 0
+    assert ct_entry(datapath, B1, CLIENT, 8080, 40033, direction="LB_CT_REPLY")[1] is None
+
+
+def test_a_forward_entry_puts_back_its_evicted_reply_entry(datapath):
+    """The LRU evicted the reply entry of a flow whose backend has been silent: the client's
+    next packet (at its once-a-second refresh) puts it back, so the backend's next answer is
+    translated."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40035, 80, "tcp"))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40035, "tcp", flags=TCP_SYN | TCP_ACK))
+    reply_key, _ = ct_entry(datapath, B1, CLIENT, 8080, 40035, direction="LB_CT_REPLY")
+    datapath.maps["lb4_ct"].delete(reply_key)
+    key, fwd = ct_entry(datapath, CLIENT, VIP, 40035, 80)
+    set_fields(datapath, key, last_seen=fwd.last_seen - 2 * shared.const("LB_CT_REFRESH_NS"))
+    run(datapath, frame(CLIENT, VIP, 40035, 80, "tcp", flags=TCP_ACK, payload=b"more?"))
+    assert global_stat(datapath, "ct_evicted") == 1
+    _, back = ct_entry(datapath, B1, CLIENT, 8080, 40035, direction="LB_CT_REPLY")
+    assert back is not None and shared.from_be32(back.nat_address) == VIP
+    p = assert_checksums_valid(run_egress(datapath, frame(B1, CLIENT, 8080, 40035, "tcp", flags=TCP_ACK))[1])
+    assert (p[IP].src, p[TCP].sport) == (VIP, 80)
+
+
+def test_a_mid_flow_segment_without_conntrack_is_counted(datapath):
+    """A TCP segment other than a SYN whose flow has no forward entry (evicted, or older than
+    the maps) is balanced as a new flow and counted on its own: unless the same backend is
+    chosen, that backend answers with a RST."""
+    program(datapath, WEB)
+    p = Ether(run(datapath, frame(CLIENT, VIP, 40036, 80, "tcp", flags=TCP_ACK))[1])
+    assert p[IP].dst == B1
+    assert global_stat(datapath, "svc_midflow_miss") == 1 and global_stat(datapath, "svc_new_flow") == 1
+    run(datapath, frame(CLIENT, VIP, 40037, 80, "tcp", flags=TCP_SYN))
+    run(datapath, frame(CLIENT, VIP, 40038, 53, "udp"))
+    assert global_stat(datapath, "svc_midflow_miss") == 1
 
 
 def test_no_endpoints_tcp_gets_a_reset(datapath):
@@ -332,19 +441,30 @@ def test_without_affinity_one_client_spreads(datapath):
 
 def test_hairpin_is_rewritten_to_the_hairpin_address_and_back(datapath):
     """A pod reaching itself through its service: Linux would drop a packet from its own
-    address, so the source becomes LB_HAIRPIN_ADDR; the reply is translated back."""
+    address, so the source becomes LB_HAIRPIN_ADDR, and the packet goes straight back out of
+    the pod's link (redirect, MACs turned around): routing never sees LB_HAIRPIN_ADDR come in by
+    a pod link (strict rp_filter would drop it) nor netfilter a flow between the pod and itself.
+    The reply, to LB_HAIRPIN_ADDR, is translated and sent back the same way."""
     import ipaddress
     hairpin = str(ipaddress.IPv4Address(shared.const("LB_HAIRPIN_ADDR")))
     program(datapath, {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080"])})
-    verdict, out = run(datapath, frame(B1, VIP, 40060, 80, "tcp"))
+    request = frame(B1, VIP, 40060, 80, "tcp")
+    verdict, out = run(datapath, request)
+    assert verdict == TC_ACT_REDIRECT
     p = assert_checksums_valid(out)
     assert (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport) == (hairpin, 40060, B1, 8080)
-    verdict, out = run(datapath, frame(B1, hairpin, 8080, 40060, "tcp", flags=TCP_SYN | TCP_ACK))
+    assert (p[Ether].src, p[Ether].dst) == (Ether(request).dst, Ether(request).src)
+    reply = frame(B1, hairpin, 8080, 40060, "tcp", flags=TCP_SYN | TCP_ACK)
+    verdict, out = run(datapath, reply)
+    assert verdict == TC_ACT_REDIRECT
     p = assert_checksums_valid(out)
     assert (p[IP].src, p[TCP].sport, p[IP].dst, p[TCP].dport) == (VIP, 80, B1, 40060)
+    assert (p[Ether].src, p[Ether].dst) == (Ether(reply).dst, Ether(reply).src)
     # a second packet of the flow is hairpinned the same way
-    p = assert_checksums_valid(run(datapath, frame(B1, VIP, 40060, 80, "tcp", flags=TCP_ACK))[1])
-    assert (p[IP].src, p[IP].dst) == (hairpin, B1)
+    verdict, out = run(datapath, frame(B1, VIP, 40060, 80, "tcp", flags=TCP_ACK))
+    p = assert_checksums_valid(out)
+    assert verdict == TC_ACT_REDIRECT and (p[IP].src, p[IP].dst) == (hairpin, B1)
+    assert global_stat(datapath, "revnat") == 1
 
 
 def test_no_local_endpoints_drops_instead_of_rejecting(datapath):
@@ -370,3 +490,86 @@ def test_egress_program_translates_replies_and_nothing_else(datapath):
     res = bpfsys.prog_test_run(datapath.egress_fd, to_service)
     assert (res.retval, res.data) == (TC_ACT_OK, to_service)
     assert global_stat(datapath, "svc_new_flow") == 1
+
+
+# --- under LRU pressure ------------------------------------------------------------------------
+
+LRU_CT_SIZE = 256     # entries: 128 flows
+
+
+@pytest.fixture(scope="module")
+def small_ct_datapath():
+    """The program with a conntrack table of LRU_CT_SIZE entries."""
+    from conftest import TEST_PIN_DIR, config_for_tests
+
+    from lbctl.datapath.ebpf import loader
+
+    dp = loader.EbpfDatapath(config_for_tests(pin_dir=TEST_PIN_DIR + "-lru", ct_size=LRU_CT_SIZE)).load()
+    try:
+        yield dp
+    finally:
+        dp.close()
+        loader.remove_pins(dp.cfg.pin_dir)
+
+
+@pytest.fixture
+def small_ct(small_ct_datapath):
+    from conftest import clear_maps
+
+    from lbctl.datapath.ebpf.reconcile import Reconciler
+
+    clear_maps(small_ct_datapath)
+    small_ct_datapath.reconciler = Reconciler(small_ct_datapath.maps, 1024, 4096)
+    yield small_ct_datapath
+    clear_maps(small_ct_datapath)
+
+
+def answered_flows(dp, count: int, every=None) -> None:
+    """`count` new flows from other clients, each answered by its backend (so that the LRU
+    sees both its entries used, as it does for real traffic); `every(i)` between them."""
+    for i in range(count):
+        if every is not None:
+            every(i)
+        client = f"10.245.{i // 250}.{1 + i % 250}"
+        run(dp, frame(client, VIP, 50000, 80, "tcp"))
+        run_egress(dp, frame(B1, client, 8080, 50000, "tcp", flags=TCP_SYN | TCP_ACK))
+
+
+def test_an_idle_established_flow_under_lru_pressure(small_ct):
+    """What an established flow sees once new, answered flows (here 4 times what the table
+    holds) have pushed its entries out: the backend's next segment reaches the client untranslated (from
+    the backend's address: the client's stack answers it with a RST), and the client's next
+    segment is balanced as a new flow, counted as svc_midflow_miss (a backend that never saw
+    the connection answers it with a RST; here the service has one backend, so the flow goes
+    on). Hence README's sizing: two entries per flow, and room to spare."""
+    dp = small_ct
+    program(dp, WEB)
+    run(dp, frame(CLIENT, VIP, 40090, 80, "tcp"))
+    run_egress(dp, frame(B1, CLIENT, 8080, 40090, "tcp", flags=TCP_SYN | TCP_ACK))
+    run(dp, frame(CLIENT, VIP, 40090, 80, "tcp", flags=TCP_ACK))
+    answered_flows(dp, 2 * LRU_CT_SIZE)              # 4 x LRU_CT_SIZE entries
+    assert ct_entry(dp, CLIENT, VIP, 40090, 80)[1] is None, "the idle flow's forward entry was evicted"
+    assert ct_entry(dp, B1, CLIENT, 8080, 40090, direction="LB_CT_REPLY")[1] is None, "and its reply entry"
+    data = frame(B1, CLIENT, 8080, 40090, "tcp", flags=TCP_ACK | 0x08, payload=b"late data")
+    assert run_egress(dp, data) == (TC_ACT_OK, data), "untranslated: the client sees the backend's address"
+    p = Ether(run(dp, frame(CLIENT, VIP, 40090, 80, "tcp", flags=TCP_ACK))[1])
+    assert p[IP].dst == B1
+    assert global_stat(dp, "svc_midflow_miss") == 1
+    assert global_stat(dp, "ct_full") == 0, "an LRU table never refuses a new flow"
+
+
+def test_an_active_flow_keeps_its_entries_under_lru_pressure(small_ct):
+    """A flow with traffic both ways keeps both entries while new flows push everything else
+    out: replies look up both, so the LRU sees both used."""
+    dp = small_ct
+    program(dp, WEB)
+    run(dp, frame(CLIENT, VIP, 40091, 80, "tcp"))
+
+    def exchange(i):
+        if i % 16 == 0:
+            run(dp, frame(CLIENT, VIP, 40091, 80, "tcp", flags=TCP_ACK))
+            p = Ether(run_egress(dp, frame(B1, CLIENT, 8080, 40091, "tcp", flags=TCP_ACK))[1])
+            assert p[IP].src == VIP, f"after {i} new flows"
+    answered_flows(dp, 2 * LRU_CT_SIZE, exchange)
+    assert ct_entry(dp, CLIENT, VIP, 40091, 80)[1] is not None
+    assert global_stat(dp, "ct_evicted") == 0 and global_stat(dp, "svc_midflow_miss") == 0

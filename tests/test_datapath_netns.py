@@ -1,5 +1,9 @@
 """The datapath as a datapath: the lab's pods in network namespaces, the agent following the
-lab's manifests, real TCP and UDP through the ClusterIPs. Asserts what a user sees."""
+lab's manifests, real TCP and UDP through the ClusterIPs. Asserts what a user sees.
+
+The node runs strict (nsutil.strict_node): rp_filter=1 on the pod links as kind sets it,
+conntrack-INVALID packets dropped in FORWARD as kube-proxy's KUBE-FORWARD rule does, and
+nf_conntrack_tcp_be_liberal off: a datapath that shows netfilter an inconsistent flow fails here."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TEST_PIN_DIR, config_for_tests
-from nsutil import socket_in, wait_for
+from nsutil import socket_in, strict_node, wait_for
 from scipy.stats import chisquare
 
 from lbctl.agent.loop import Agent, AgentOptions
@@ -74,8 +78,9 @@ def cluster(tmp_path_factory):
     state = lab.lab_up(lab_spec(), manifests)
     agent = None
     try:
-        agent = RunningAgent(str(manifests), AGENT_PIN_DIR, (f"veth{PREFIX}*",)).start()
-        yield state, agent
+        with strict_node(PREFIX, state.host_links()):
+            agent = RunningAgent(str(manifests), AGENT_PIN_DIR, (f"veth{PREFIX}*",)).start()
+            yield state, agent
     finally:
         if agent:
             agent.teardown()
@@ -118,6 +123,30 @@ def test_every_backend_answers_through_the_cluster_ip(cluster, proto, target, se
     assert set(report["answers"]) == pods_of(state, service)
     # in-cluster traffic keeps its source address: backends see the client pod
     assert set(report["peers"]) == {state.pods[state.clients[0]].ip}
+
+
+def test_netfilter_sees_one_flow_through_a_local_backend(cluster):
+    """A local backend's replies are translated where netfilter has already seen them (egress
+    of the client's link), so conntrack sees client -> backend and backend -> client: one flow,
+    assured, on a node that drops INVALID packets. Translating them at ingress of the backend's
+    link showed netfilter a VIP -> client SYN-ACK of no known flow: INVALID, dropped, and TCP
+    through every local backend timed out."""
+    import socket
+
+    state, _ = cluster
+    client = state.pods[state.clients[0]].ip
+    sock = socket_in(client_ns(state), kind=socket.SOCK_STREAM)
+    try:
+        sock.settimeout(2)
+        sock.connect(("10.96.0.10", 80))
+        pod = sock.recv(200).decode().split()[0]
+        sport = sock.getsockname()[1]
+    finally:
+        sock.close()
+    flows = subprocess.run(["conntrack", "-L", "-p", "tcp", "--orig-src", client, "--sport", str(sport)],
+                           capture_output=True, text=True).stdout
+    assert f"dst={state.pods[pod].ip}" in flows and "dport=8080" in flows, flows
+    assert "[ASSURED]" in flows and "UNREPLIED" not in flows, flows
 
 
 def test_spread_over_three_backends_is_uniform(cluster):
@@ -230,9 +259,10 @@ def test_teardown_leaves_nothing_behind(tmp_path):
     prefix, pin_dir = f"lbz{os.getpid() % 1000}", TEST_PIN_DIR + "-z"
     state = lab.lab_up(lab_spec(prefix, 201), tmp_path / "m")
     try:
-        agent = RunningAgent(str(tmp_path / "m"), pin_dir, (f"veth{prefix}*",)).start()
-        assert request_spread(client_ns(state), "tcp", "10.96.0.10:80", 20)["answers"]
-        agent.stop()
+        with strict_node(prefix, state.host_links()):
+            agent = RunningAgent(str(tmp_path / "m"), pin_dir, (f"veth{prefix}*",)).start()
+            assert request_spread(client_ns(state), "tcp", "10.96.0.10:80", 20)["answers"]
+            agent.stop()
         assert os.path.exists(pin_dir)
         ebpf.detach_all(agent.cfg.tc_name)
         ebpf.remove_pins(pin_dir)
@@ -247,6 +277,8 @@ def test_teardown_leaves_nothing_behind(tmp_path):
                              shell=True, capture_output=True, text=True).stdout
     assert agent.cfg.tc_name not in filters
     assert not os.path.exists(pin_dir)
+    rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
+    assert f"lbctl-test-invalid-drop:{prefix}" not in rules
 
 
 def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):
@@ -260,8 +292,10 @@ def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):
 
 
 def test_trace_names_the_backend_of_a_tracked_flow(cluster):
+    """`lbctl trace` on the agent's live maps: the datapath's own code says where a packet goes."""
+    from lbctl.datapath.ebpf import trace as tr
+
     state, agent = cluster
-    from lbctl.datapath.ebpf.dump import trace
     sock = socket_in(client_ns(state))
     try:
         sock.settimeout(2)
@@ -273,12 +307,15 @@ def test_trace_names_the_backend_of_a_tracked_flow(cluster):
     finally:
         sock.close()
     client = state.pods[state.clients[0]].ip
-    lines = trace(AGENT_PIN_DIR, client, port, "10.96.0.53", 53, "udp")
-    assert "default/dns:dns" in lines[1]
-    assert f"{state.pods[pod].ip}:5353" in lines[2] and "tracked flow" in lines[2], lines
-    new = trace(AGENT_PIN_DIR, client, 1, "10.96.0.10", 80, "tcp")
-    assert new[2].startswith("new flow") and len(new) == 6, new
-    assert trace(AGENT_PIN_DIR, client, 1, "10.244.9.9", 80, "tcp")[1].startswith("no service")
+    with tr.Tracer(AGENT_PIN_DIR) as tracer:
+        hit = tracer.trace(tr.Packet(client, port, "10.96.0.53", 53, "udp", ""))
+        assert hit.service == "default/dns:dns" and hit.decision == "conntrack_hit", hit.lines()
+        assert hit.backend == f"{state.pods[pod].ip}:5353" and hit.output.dst == state.pods[pod].ip
+        reply = tracer.trace(tr.Packet(state.pods[pod].ip, 5353, client, port, "udp", ""))
+        assert reply.decision == "revnat" and reply.output.src == "10.96.0.53", reply.lines()
+        new = tracer.trace(tr.Packet(client, 1, "10.96.0.10", 80, "tcp", "S"))
+        assert new.decision == "new_flow" and new.steps[0].count == 3
+        assert tracer.trace(tr.Packet(client, 1, "10.244.9.9", 80, "tcp", "S")).decision == "pass"
 
 
 def test_replies_that_bypass_the_backend_link_are_translated_at_the_client(tmp_path):
@@ -290,13 +327,14 @@ def test_replies_that_bypass_the_backend_link_are_translated_at_the_client(tmp_p
     agent = None
     try:
         clients = tuple(state.pods[c].host_link for c in state.clients)
-        agent = RunningAgent(str(tmp_path / "m"), pin_dir, clients).start()
-        assert set(agent.agent.mode.attached.values()) == set(clients)
-        for proto, target, service in (("tcp", "10.96.0.10:80", "default/web"),
-                                       ("udp", "10.96.0.53:53", "default/dns")):
-            report = request_spread(client_ns(state), proto, target, 60)
-            assert sum(report["errors"].values()) == 0, report
-            assert set(report["answers"]) == pods_of(state, service)
+        with strict_node(prefix, state.host_links()):
+            agent = RunningAgent(str(tmp_path / "m"), pin_dir, clients).start()
+            assert set(agent.agent.mode.attached.values()) == set(clients)
+            for proto, target, service in (("tcp", "10.96.0.10:80", "default/web"),
+                                           ("udp", "10.96.0.53:53", "default/dns")):
+                report = request_spread(client_ns(state), proto, target, 60)
+                assert sum(report["errors"].values()) == 0, report
+                assert set(report["answers"]) == pods_of(state, service)
     finally:
         if agent:
             agent.teardown()

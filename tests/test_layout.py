@@ -92,3 +92,29 @@ def test_a_pinned_map_of_another_type_is_refused(tmp_path):
             ebpf.check_pins(cfg)
     finally:
         ebpf.remove_pins(cfg.pin_dir)
+
+
+def test_the_program_text_inlines_lbctl_headers_once_and_names_them():
+    """bcc rewrites map calls only in the text it is given, so the loader hands it the program
+    with bpf/'s own headers inlined (lbctl.datapath.ebpf.source); system headers stay includes,
+    and #line markers keep messages naming the real files."""
+    from lbctl.datapath.ebpf import source
+
+    text = source.program_text(shared.BPF_DIR / "prog" / "lbctl_tc.c").decode()
+    assert '#include "' not in text
+    assert "#include <uapi/linux/bpf.h>" in text
+    for header in ("include/lbctl_shared.h", "include/lbctl_maps.h", "lib/ctx/skb.h", "lib/parse.h",
+                   "lib/csum.h", "lib/nat.h", "lib/conntrack.h", "lib/reject.h", "lib/stats.h", "lib/lb.h"):
+        path = (shared.BPF_DIR / header).resolve()
+        assert text.count(f'#line 1 "{path}"') == 1, header
+    assert text.count("#ifndef LBCTL_SHARED_H") == 1
+
+
+def test_the_bpf_tree_shows_the_architecture():
+    """include/ the shared types and maps, lib/ the library (one concern a file, the context
+    wrappers beside it), prog/ the programs; the tc program is only its entry points."""
+    files = {str(p.relative_to(shared.BPF_DIR)) for p in shared.BPF_DIR.rglob("*") if p.is_file()}
+    assert {"include/lbctl_shared.h", "include/lbctl_maps.h", "lib/parse.h", "lib/csum.h", "lib/nat.h",
+            "lib/conntrack.h", "lib/reject.h", "lib/ctx/skb.h", "lib/ctx/xdp.h", "prog/lbctl_tc.c"} <= files
+    program = (shared.BPF_DIR / "prog" / "lbctl_tc.c").read_text()
+    assert program.count("static ") == 0, "helpers belong in lib/"

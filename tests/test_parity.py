@@ -13,11 +13,13 @@ until the mark is removed, so those marks are always the true list of gaps
 (``pytest -rx tests/test_parity.py`` prints it).
 
 The lab uses its own pod CIDR (10.244.210.0/24) and service CIDR (10.96.210.0/24), so that it
-can share the node with other labs; the iptables mode is run with tcp_be_liberal so that its
-INVALID-drop rule cannot break another lab's eBPF datapath running on the node meanwhile
-(conntrack sees a tc-rewritten SYN-ACK as INVALID). Service traffic no rule claims goes to a
-sink link, as it would leave a real node (see ``service_traffic_sink``). The module checks at
-the end that iptables-save and the nft ruleset are as they were before it started.
+can share the node with other labs. The node runs strict, as kind and hardened hosts do
+(``nsutil.strict_node``): rp_filter=1 on the pod links, conntrack-INVALID packets from the pods
+dropped in FORWARD, nf_conntrack_tcp_be_liberal off; the iptables mode writes kube-proxy's own
+INVALID-drop rule too. Every mode must show netfilter consistent flows to pass. Service traffic
+no rule claims goes to a sink link, as it would leave a real node (see
+``service_traffic_sink``). The module checks at the end that iptables-save and the nft ruleset
+are as they were before it started.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ import pytest
 import yaml
 from conftest import TEST_PIN_DIR, config_for_tests
 from netfilter_state import iptables_state, nft_state
-from nsutil import socket_in, wait_for
+from nsutil import socket_in, strict_node, wait_for
 from scipy.stats import chisquare
 
 from lbctl.agent.loop import Agent, AgentOptions
@@ -111,7 +113,7 @@ def lab_state(tmp_path_factory):
                        service_cidr="10.96.210.0/24", services=SERVICES)
     state = lab.lab_up(spec, tmp_path_factory.mktemp("parity-manifests"))
     try:
-        with service_traffic_sink():
+        with service_traffic_sink(), strict_node(PREFIX, state.host_links()):
             yield state
     finally:
         lab.lab_down(PREFIX)
@@ -194,7 +196,7 @@ def make_mode(name: str):
         return EbpfMode(config_for_tests(pin_dir=PIN_DIR, devices=(f"veth{PREFIX}*",),
                                          node_name=lab.NODE_NAME))
     if name == "iptables":
-        return iptables_mode.IptablesMode(iptables_mode.config_from(**settings, tcp_be_liberal=True),
+        return iptables_mode.IptablesMode(iptables_mode.config_from(**settings, tcp_be_liberal=False),
                                           options)
     return nftables_mode.NftablesMode(nftables_mode.config_from(**settings), options)
 

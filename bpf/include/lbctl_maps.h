@@ -36,4 +36,9 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stats, lb_backend_stats,
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_global_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_global_stats");
 
+#ifdef LB_TRACE
+/* `lbctl trace` only (never pinned): what the traced packet made the program decide. */
+BPF_ARRAY(lb_trace, struct lb4_trace_result, 1);
+#endif
+
 #endif /* LBCTL_MAPS_H */

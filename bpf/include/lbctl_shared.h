@@ -1,8 +1,8 @@
 /* lbctl_shared.h: every map key and value, flag bit and counter index.
  *
  * Shared by the BPF programs (compiled by bcc) and the Python control plane, which reads this
- * very file with cffi (lbctl/shared.py): plain structs of fixed-width types with explicit padding,
- * and integer #defines only. No struct is written twice; tests/test_layout.py checks that the
+ * very file with cffi (lbctl/datapath/ebpf/shared.py): plain structs of fixed-width types with
+ * explicit padding, and integer #defines only. No struct is written twice; tests/test_layout.py checks that the
  * compiled program and Python agree on every size and offset.
  *
  * Byte order lives in the type: __be32/__be16 fields are network order, everything else host.
@@ -36,7 +36,7 @@
 					 * established flows out of the LRU for hours */
 #define LB_CT_LIFETIME_NONTCP 60
 #define LB_CT_LIFETIME_CLOSING 10       /* after a RST, or a FIN from each side */
-#define LB_CT_REFRESH_NS 1000000000ULL  /* rewrite a live entry's expiry at most once a second */
+#define LB_CT_REFRESH_NS 1000000000ULL  /* rewrite a live entry's last_seen at most once a second */
 
 /* lb4_service_key.scope */
 #define LB_SCOPE_EXTERNAL 0           /* ClusterIP: the one scope of this milestone */
@@ -54,12 +54,17 @@
 #define LB_CT_FORWARD 0               /* client -> VIP: value names the chosen backend */
 #define LB_CT_REPLY 1                 /* backend -> client: value names the VIP to restore */
 
-/* lb4_ct_value.flags */
-#define LB_CT_F_CLOSING 0x01          /* RST, or FIN both ways: a new SYN on this tuple is a new flow */
+/* lb4_ct_value.flags: fixed when the flow is created, never written afterwards */
 #define LB_CT_F_HAIRPIN 0x02          /* a pod reached itself: source rewritten to LB_HAIRPIN_ADDR */
-#define LB_CT_F_SEEN_REPLY 0x04       /* the backend has answered (forward entry) */
-#define LB_CT_F_FIN_CLIENT 0x08       /* FIN from the client (forward entry) */
-#define LB_CT_F_FIN_BACKEND 0x10      /* FIN from the backend (forward entry) */
+
+/* lb4_ct_value.tx_state / rx_state: what each side of a flow has sent. The two directions of a
+ * flow are usually handled on two CPUs at once, so each byte has one writer: tx_state only the
+ * forward path (client -> backend), rx_state only the reply path; a bit once set stays set. The
+ * entry's lifetime is derived from both when it is read (lb4_ct_lifetime), never stored, so a
+ * FIN from each side at the same instant cannot leave a closed flow established for hours. */
+#define LB_CT_SEEN_PKT 0x01           /* a packet (rx_state: the backend has answered) */
+#define LB_CT_SEEN_FIN 0x02
+#define LB_CT_SEEN_RST 0x04
 
 /* Hairpin: a pod whose connection to its own service lands on itself would receive a packet
  * from its own address, which Linux drops as martian. As kube-proxy masquerades such flows,
@@ -75,11 +80,21 @@
 #define LB_STAT_SVC_CT_HIT 5          /* packet of a known flow */
 #define LB_STAT_SVC_RESELECT 6        /* known flow whose backend vanished: chosen again */
 #define LB_STAT_REVNAT 7              /* reply rewritten back to the VIP */
-#define LB_STAT_NO_BACKEND 8          /* service without endpoints: dropped (see README) */
+#define LB_STAT_NO_BACKEND 8          /* service without endpoints: rejected (TCP RST, ICMP port
+				       * unreachable), or dropped with LB_SVC_F_DROP */
 #define LB_STAT_CT_FULL 9             /* conntrack update failed */
 #define LB_STAT_NAT_FAILED 10         /* a rewrite helper failed: packet dropped */
-#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow: passed untouched, removed */
-#define LB_STAT_MAX 12
+#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow (its forward entry expired
+				       * or names another backend): passed untouched, removed */
+#define LB_STAT_CT_EVICTED 12         /* one entry of a live flow found without the other (the
+				       * LRU evicted it): a reply entry without its forward entry
+				       * (the reply passed untouched, the entry removed), or a forward
+				       * entry without its reply entry (put back). Not 0: lb4_ct is
+				       * too small for the flows (README, "Sizing") */
+#define LB_STAT_SVC_MIDFLOW_MISS 13   /* TCP segment without SYN to a service, no forward entry
+				       * (evicted, or a flow older than the maps): balanced as a new
+				       * flow, so a backend that never saw it answers with a RST */
+#define LB_STAT_MAX 14
 
 /* lb4_services: frontends and their backend slots, Cilium's layout.
  * Slot 0 is the frontend (VIP:port/proto) and holds `count`; slots 1..count hold backend ids. */
@@ -125,12 +140,17 @@ struct lb4_ct_key {
 struct lb4_ct_value {
 	__be32 nat_address;           /* forward: backend; reply: VIP */
 	__be16 nat_port;              /* forward: backend port; reply: service port */
-	__u8 flags;                   /* LB_CT_F_* */
+	__u8 flags;                   /* LB_CT_F_*: set at creation only */
 	__u8 pad;
-	__u32 backend_id;             /* forward: the backend chosen (checked on every packet) */
+	__u32 backend_id;             /* the backend chosen (the forward entry's is checked on every
+				       * packet; a reply entry translates only while they agree) */
 	__u32 service_id;
-	__u64 expires;                /* bpf_ktime_get_ns() deadline */
-	__u64 refreshed;              /* last time `expires` was written */
+	__u8 tx_state;                /* LB_CT_SEEN_* from the client: the forward path writes it */
+	__u8 rx_state;                /* LB_CT_SEEN_* from the backend: the reply path writes it */
+	__u8 pad2[6];
+	__u64 last_seen;              /* bpf_ktime_get_ns() of the flow's last packet, either way,
+				       * written at most once per LB_CT_REFRESH_NS; the entry expires
+				       * lb4_ct_lifetime() after it */
 };
 
 /* lb4_affinity: sessionAffinity ClientIP, as kube-proxy's `-m recent` / IPVS persistence: a
@@ -153,6 +173,27 @@ struct lb_stats {
 	__u64 packets;
 	__u64 bytes;
 	__u64 flows;                  /* new flows (connections) */
+};
+
+/* `lbctl trace`: the program compiled with -DLB_TRACE writes no map and reports what it decided
+ * in lb_trace (a map only that build has), which the tracer reads after one BPF_PROG_TEST_RUN. */
+#define LB_TRACE_F_SERVICE 0x0001       /* the destination is a frontend */
+#define LB_TRACE_F_CT_FOUND 0x0002      /* the flow has a forward entry */
+#define LB_TRACE_F_CT_CLOSING 0x0004    /* ... closed (RST, or FIN both ways) and this is a SYN */
+#define LB_TRACE_F_CT_EXPIRED 0x0008    /* ... expired, and this is a SYN or not TCP */
+#define LB_TRACE_F_CT_BACKEND_GONE 0x0010 /* ... naming a backend deleted or changed since */
+#define LB_TRACE_F_AFFINITY 0x0020      /* the backend came from the client's affinity entry */
+#define LB_TRACE_F_HAIRPIN 0x0040       /* a pod reaching itself: sent back out of its own link */
+#define LB_TRACE_F_REPLY 0x0080         /* the packet matched a reply entry */
+
+struct lb4_trace_result {
+	__u32 stats;                  /* bit i set: the packet counted LB_STAT_i */
+	__u32 flags;                  /* LB_TRACE_F_* */
+	__u32 service_id;             /* the frontend's (or, for a reply, the flow's) service */
+	__u32 backend_id;             /* the backend the packet goes to, or replies from */
+	__u32 ct_backend_id;          /* the backend the flow's forward entry named */
+	__u16 slot;                   /* the slot a new flow picked (0: none, affinity or a hit) */
+	__u16 count;                  /* the frontend's slot count */
 };
 
 #endif /* LBCTL_SHARED_H */

@@ -1,4 +1,5 @@
-/* lbctl_parse.h: bounds-checked header parsing into a small tuple.
+/* parse.h: bounds-checked header parsing into a small tuple, on (data, data_end), so that tc
+ * (ctx/skb.h) and XDP (ctx/xdp.h) programs share it.
  *
  * Every pointer is checked against data_end before use: the verifier rejects the program
  * otherwise, and a truncated packet must be passed untouched, never read past its end. */
@@ -12,6 +13,9 @@
 #define LB_TCP_RST 0x04
 #define LB_TCP_ACK 0x10
 
+/* Headers the parser reads: Ethernet, IPv4 with options, TCP (see ctx_pull). */
+#define LB4_HEADERS_MAX (sizeof(struct ethhdr) + 60 + sizeof(struct tcphdr))
+
 struct lb4_packet {
 	__be32 saddr;
 	__be32 daddr;
@@ -24,11 +28,15 @@ struct lb4_packet {
 	__u16 ip_len;                /* IP total length */
 };
 
-/* Reads Ethernet + IPv4 + the TCP/UDP ports. Returns LB_PARSE_OK or the reason to pass. */
-static __always_inline int lb_parse(struct __sk_buff *skb, struct lb4_packet *pkt)
+/* A SYN opening a connection (not the SYN-ACK answering one). */
+static __always_inline int lb4_is_syn(const struct lb4_packet *pkt)
 {
-	void *data = (void *)(long)skb->data;
-	void *data_end = (void *)(long)skb->data_end;
+	return pkt->proto == IPPROTO_TCP && (pkt->tcp_flags & (LB_TCP_SYN | LB_TCP_ACK)) == LB_TCP_SYN;
+}
+
+/* Reads Ethernet + IPv4 + the TCP/UDP ports. Returns LB_PARSE_OK or the reason to pass. */
+static __always_inline int lb4_parse(void *data, void *data_end, struct lb4_packet *pkt)
+{
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	__u8 *l4;

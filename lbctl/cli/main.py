@@ -2,7 +2,7 @@
 
   lbctl run --manifests DIR [--mode ebpf|iptables|nftables|ipvs]   the agent (foreground)
   lbctl dump maps [--json]       what the datapath holds
-  lbctl trace SRC:P VIP:P/proto  which backend a packet goes to (reads the maps only)
+  lbctl trace SRC:P VIP:P/proto  what the datapath does with a packet (its own code, no writes)
   lbctl cleanup                  remove everything lbctl created (every mode's objects)
   lbctl lab up|down              a small cluster in network namespaces
   lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
@@ -120,20 +120,26 @@ def cmd_dump_maps(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from lbctl.datapath.ebpf import dump
+    """`lbctl trace`: the datapath's own program decides (its trace build, on a crafted frame,
+    against the pinned maps; nothing is written). Exit 0, 1 (cannot trace), 2 (bad arguments)."""
+    from lbctl.datapath.ebpf import trace
 
-    src, _, sport = args.source.rpartition(":")
-    dst, _, rest = args.destination.rpartition(":")
-    dport, _, proto = rest.partition("/")
     try:
-        for line in dump.trace(args.pin_dir, src, int(sport), dst, int(dport), proto or "tcp"):
-            print(line)
-    except (ValueError, KeyError) as exc:
-        print(f"lbctl trace: {exc}: use SRC_IP:PORT DST_IP:PORT[/tcp|udp]", file=sys.stderr)
+        src, sport, _ = trace.parse_endpoint(args.source, "source")
+        dst, dport, proto = trace.parse_endpoint(args.destination, "destination", with_proto=True)
+        flags = trace.parse_tcp_flags(args.tcp_flags) if proto == "tcp" else ""
+    except ValueError as exc:
+        print(f"lbctl trace: {exc}", file=sys.stderr)
         return 2
-    except FileNotFoundError as exc:
+    try:
+        result = trace.trace(args.pin_dir, trace.Packet(src, sport, dst, dport, proto, flags))
+    except trace.TraceError as exc:
         print(f"lbctl trace: {exc}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print("\n".join(result.lines()))
     return 0
 
 
@@ -281,9 +287,15 @@ def build_parser() -> argparse.ArgumentParser:
     _datapath_args(maps)
     maps.set_defaults(func=cmd_dump_maps)
 
-    trace = sub.add_parser("trace", help="which backend a packet goes to (reads the maps only)")
-    trace.add_argument("source", help="client IP:port")
-    trace.add_argument("destination", help="service IP:port[/tcp|udp]")
+    trace = sub.add_parser(
+        "trace", help="what the datapath does with one packet: its own program decides, on the "
+                      "pinned maps, writing nothing")
+    trace.add_argument("source", help="client IP:port (a pod, or a backend for a reply)")
+    trace.add_argument("destination", help="IP:port[/tcp|udp] (a service, or a client for a reply)")
+    trace.add_argument("--tcp-flags", default="S", metavar="FLAGS",
+                       help="TCP flags of the packet: S (a new connection, the default), A (a "
+                            "segment of an open one), FA, R... (letters S A F R P)")
+    trace.add_argument("--json", action="store_true")
     _datapath_args(trace)
     trace.set_defaults(func=cmd_trace)
 

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 
 from lbctl.datapath.ebpf import decode, shared
 from lbctl.datapath.ebpf.bpfsys import BpfMap
-from lbctl.model.objects import Protocol
 
 STATE_DIR = "/run/lbctl"   # the agent's files (bpffs holds no regular files); LBCTL_RUN_DIR overrides
 
@@ -192,58 +191,3 @@ def format_table(state: dict) -> str:
     lines.append(f"datapath counters: {counters or '(all zero)'}")
     return "\n".join(lines)
 
-
-def trace(pin_dir: str, src: str, sport: int, dst: str, dport: int, proto: str) -> list[str]:
-    """Where the datapath would send one packet, read from the maps without touching them:
-    the frontend it hits, the flow's conntrack entry, the client's affinity, else the slots
-    a new flow picks from uniformly."""
-    number = Protocol(proto.upper()).number
-    path = lambda name: os.path.join(pin_dir, name)
-    lines = [f"packet {src}:{sport} -> {dst}:{dport}/{proto.upper()}"]
-    with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
-            BpfMap.open_pinned(path("lb4_backends")) as be_map, \
-            BpfMap.open_pinned(path("lb4_ct")) as ct_map, \
-            BpfMap.open_pinned(path("lb4_affinity")) as aff_map:
-        def backend(backend_id: int) -> str:
-            raw = be_map.lookup(shared.u32(backend_id))
-            if raw is None:
-                return f"backend {backend_id} (gone)"
-            b = shared.view("lb4_backend", raw)
-            state = " draining" if b.flags & shared.const("LB_BACKEND_F_DRAINING") else ""
-            return f"backend {backend_id} {shared.from_be32(b.address)}:{shared.from_be16(b.port)}{state}"
-
-        value = svc_map.lookup(shared.service_key(dst, dport, number))
-        if value is None:
-            reply = ct_map.lookup(shared.new(
-                "lb4_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
-                dport=shared.be16(dport), proto=number, dir=shared.const("LB_CT_REPLY")))
-            if reply is None:
-                return lines + ["no service at this address: passed untouched"]
-            r = shared.view("lb4_ct_value", reply)
-            return lines + [f"reply of a tracked flow: source rewritten to "
-                            f"{shared.from_be32(r.nat_address)}:{shared.from_be16(r.nat_port)}"]
-        fe = shared.view("lb4_service_value", value)
-        names = read_names(pin_dir)
-        lines.append(f"service {names.get(fe.service_id, '?')} (id {fe.service_id}), {fe.count} backend slot(s)")
-        if fe.count == 0:
-            return lines + [f"no endpoints: {'TCP RST' if number == 6 else 'ICMP port unreachable'}"]
-        ct = ct_map.lookup(shared.new(
-            "lb4_ct_key", saddr=shared.be32(src), daddr=shared.be32(dst), sport=shared.be16(sport),
-            dport=shared.be16(dport), proto=number, dir=shared.const("LB_CT_FORWARD")))
-        if ct is not None:
-            c = shared.view("lb4_ct_value", ct)
-            lines.append(f"tracked flow -> {backend(c.backend_id)} (kept while that backend exists)")
-            return lines
-        if fe.flags & shared.const("LB_SVC_F_AFFINITY"):
-            aff = aff_map.lookup(shared.new("lb4_affinity_key", client=shared.be32(src),
-                                            service_id=fe.service_id))
-            if aff is not None:
-                a = shared.view("lb4_affinity_value", aff)
-                lines.append(f"client affinity (timeout {fe.affinity_timeout}s) -> {backend(a.backend_id)}, "
-                             "if still within the timeout")
-        lines.append("new flow: one of, uniformly at random:")
-        for slot in range(1, fe.count + 1):
-            s = svc_map.lookup(shared.service_key(dst, dport, number, slot))
-            if s is not None:
-                lines.append(f"  slot {slot}: {backend(shared.view('lb4_service_value', s).backend_id)}")
-    return lines

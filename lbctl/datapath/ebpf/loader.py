@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
-from lbctl.datapath.ebpf import shared
+from lbctl.datapath.ebpf import shared, source
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
@@ -159,7 +159,8 @@ class EbpfDatapath:
 
         src = shared.BPF_DIR / "prog" / "lbctl_tc.c"
         try:
-            self.bpf = BPF(src_file=str(src).encode(), cflags=self.cfg.cflags())
+            # bcc rewrites map calls only in the text it is given: lbctl's headers inlined
+            self.bpf = BPF(text=source.program_text(src), cflags=self.cfg.cflags())
             self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
             self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
         except Exception as exc:

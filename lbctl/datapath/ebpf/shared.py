@@ -36,7 +36,7 @@ typedef uint32_t __be32;
 """
 
 STRUCTS = ("lb4_service_key", "lb4_service_value", "lb4_backend", "lb4_ct_key", "lb4_ct_value",
-           "lb4_affinity_key", "lb4_affinity_value", "lb_stats")
+           "lb4_affinity_key", "lb4_affinity_value", "lb_stats", "lb4_trace_result")
 
 
 def _cdef_source(text: str) -> str:

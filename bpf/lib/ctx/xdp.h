@@ -1,0 +1,136 @@
+/* ctx/xdp.h: the packet context of XDP programs (struct xdp_md) behind the same names as
+ * ctx/skb.h (after Cilium's bpf/include/bpf/ctx/xdp.h), so that the parser, the rewrites and
+ * the rejects in lib/ serve both hooks.
+ *
+ * XDP has no skb helpers: writes and checksum updates are direct, on bounds-checked pointers;
+ * there is no partial checksum to keep up (XDP sees frames before the stack computes any). */
+#ifndef LBCTL_CTX_XDP_H
+#define LBCTL_CTX_XDP_H
+
+#include "lib/csum.h"
+
+#define __ctx_buff xdp_md
+#define LB_CTX_XDP 1
+
+#define CTX_ACT_OK XDP_PASS
+#define CTX_ACT_DROP XDP_DROP
+
+static __always_inline void *ctx_data(const struct xdp_md *ctx)
+{
+	return (void *)(long)ctx->data;
+}
+
+static __always_inline void *ctx_data_end(const struct xdp_md *ctx)
+{
+	return (void *)(long)ctx->data_end;
+}
+
+static __always_inline __u32 ctx_len(const struct xdp_md *ctx)
+{
+	return ctx->data_end - ctx->data;
+}
+
+static __always_inline void ctx_pull(struct xdp_md *ctx, __u32 len)
+{
+	/* the whole frame is linear (multi-buffer frames are not handled) */
+}
+
+/* Writes of 2 or 4 bytes (ports, addresses: all the library writes). The size is a constant
+ * at every call site, so the verifier sees fixed-size accesses after the bounds check. */
+static __always_inline int ctx_store_bytes(struct xdp_md *ctx, __u32 off, const void *from,
+					   __u32 len)
+{
+	void *data = ctx_data(ctx);
+	void *data_end = ctx_data_end(ctx);
+	__u8 *to;
+
+	if (off > 0xffff)
+		return -1;
+	to = data + off;
+	if (len == 2) {
+		if ((void *)(to + 2) > data_end)
+			return -1;
+		*(__u16 *)to = *(const __u16 *)from;
+	} else if (len == 4) {
+		if ((void *)(to + 4) > data_end)
+			return -1;
+		*(__u32 *)to = *(const __u32 *)from;
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+/* ~(~HC + ~m + m') (RFC 1624 eqn. 3) for a 2- or 4-byte field, through bpf_csum_diff (which
+ * wants whole words: a 16-bit value sits in a zeroed word, adding nothing to the sum). */
+static __always_inline int lb_xdp_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from, __u32 to,
+					       __u32 size, int mangled_0)
+{
+	void *data = ctx_data(ctx);
+	void *data_end = ctx_data_end(ctx);
+	__u16 *csum;
+	__u32 old_word = size == 2 ? (__u16)from : from;
+	__u32 new_word = size == 2 ? (__u16)to : to;
+	__s64 sum;
+
+	if (off > 0xffff)
+		return -1;
+	csum = data + off;
+	if ((void *)(csum + 1) > data_end)
+		return -1;
+	if (mangled_0 && *csum == 0)    /* UDP without checksum stays without */
+		return 0;
+	sum = bpf_csum_diff(&old_word, 4, &new_word, 4, ~((__u32)*csum) & 0xffff);
+	if (sum < 0)
+		return -1;
+	*csum = lb_csum_fold(sum);
+	if (mangled_0 && *csum == 0)
+		*csum = 0xffff;             /* 0 means "no checksum" in UDP (RFC 768) */
+	return 0;
+}
+
+static __always_inline int ctx_l3_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from,
+					       __u32 to, __u32 size)
+{
+	return lb_xdp_csum_replace(ctx, off, from, to, size & 0xf, 0);
+}
+
+static __always_inline int ctx_l4_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from,
+					       __u32 to, __u64 flags)
+{
+	/* BPF_F_PSEUDO_HDR needs nothing here: without a partial checksum an address in the pseudo
+	 * header changes the checksum as any other field does */
+	return lb_xdp_csum_replace(ctx, off, from, to, flags & 0xf, !!(flags & BPF_F_MARK_MANGLED_0));
+}
+
+static __always_inline int ctx_change_tail(struct xdp_md *ctx, __u32 len)
+{
+	return bpf_xdp_adjust_tail(ctx, (int)len - (int)ctx_len(ctx));
+}
+
+/* Inserts `len` bytes right after the Ethernet header: room at the head, then the Ethernet
+ * header moved to the new start. */
+static __always_inline int ctx_grow_after_mac(struct xdp_md *ctx, __u32 len)
+{
+	void *data, *data_end;
+	struct ethhdr *old_eth, *eth, tmp;
+
+	if (len > 64 || bpf_xdp_adjust_head(ctx, -(int)len) < 0)
+		return -1;
+	data = ctx_data(ctx);
+	data_end = ctx_data_end(ctx);
+	eth = data;
+	old_eth = data + len;
+	if ((void *)(old_eth + 1) > data_end)
+		return -1;
+	tmp = *old_eth;   /* the two may overlap when len < ETH_HLEN */
+	*eth = tmp;
+	return 0;
+}
+
+static __always_inline int ctx_redirect_back(struct xdp_md *ctx)
+{
+	return XDP_TX;
+}
+
+#endif /* LBCTL_CTX_XDP_H */

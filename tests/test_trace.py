@@ -1,0 +1,247 @@
+"""`lbctl trace` runs the datapath's own decision: it must agree with the real program on every
+path, and leave every map byte-identical.
+
+Each agreement test sets a state up with the real program, traces a packet (checking that no
+map changed), then sends the same packet through the real program: same verdict, same output
+frame, same counters."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import test_bpf_prog
+from conftest import TEST_PIN_DIR
+from test_bpf_prog import B1, B2, B3, CLIENT, VIP, ct_entry, global_stat, run, run_egress, set_fields
+
+from lbctl.datapath.ebpf import bpfsys, dump, shared
+from lbctl.datapath.ebpf import trace as tr
+from lbctl.datapath.ebpf.packets import TCP_ACK, TCP_FIN, frame
+from lbctl.datapath.ebpf.reconcile import entry
+from lbctl.model.objects import DesiredState, Frontend, Protocol
+
+WEB = {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080"])}
+THREE = {"default/web:http": (f"{VIP}:80/TCP", [f"{B1}:8080", f"{B2}:8080", f"{B3}:8080"])}
+DNS = {"kube-system/dns:dns": (f"{VIP}:53/UDP", [f"{B1}:5353"])}
+
+
+def lbctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lbctl.cli.main", *args], capture_output=True, text=True)
+
+
+# --- arguments (no root) -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,message", [
+    (["10.244.0.2:99999", "10.96.0.10:80"], "port '99999' out of range (1-65535)"),
+    (["10.244.0.2:0", "10.96.0.10:80"], "port '0' out of range"),
+    (["10.244.0.2", "10.96.0.10:80"], "use IP:PORT"),
+    (["10.244.0.300:1", "10.96.0.10:80"], "is not an IPv4 address"),
+    (["10.244.0.2:1", "10.96.0.10:80/sctp"], "the datapath balances tcp and udp"),
+    (["10.244.0.2:1", "10.96.0.10:80", "--tcp-flags", "SX"], "--tcp-flags 'SX'"),
+])
+def test_bad_arguments_are_named_without_a_traceback(argv, message):
+    done = lbctl("trace", *argv, "--pin-dir", "/nonexistent/lbctl")
+    assert done.returncode == 2, done
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_nothing_pinned_is_an_error_that_creates_nothing(tmp_path):
+    pin_dir = f"/sys/fs/bpf/lbctl-test-none-{os.getpid()}"
+    done = lbctl("trace", "10.244.0.2:40000", "10.96.0.10:80/tcp", "--pin-dir", pin_dir)
+    assert done.returncode == 1, done
+    assert f"no lbctl maps pinned under {pin_dir}" in done.stderr and "Traceback" not in done.stderr
+    assert not os.path.exists(pin_dir)
+
+
+# --- against the real program --------------------------------------------------------------------
+
+def program(dp, services: dict[str, tuple], affinity: int = 0) -> None:
+    """test_bpf_prog.program, and the service names the agent would record for them."""
+    test_bpf_prog.program(dp, services, affinity)
+    names = {}
+    for name, (frontend, _) in services.items():
+        address, rest = frontend.split(":")
+        port, proto = rest.split("/")
+        names[dp.reconciler.services[Frontend(address, int(port), Protocol(proto))].service_id] = name
+    dump.write_names(dp.cfg.pin_dir, names)
+
+
+@pytest.fixture(autouse=True)
+def no_names_left(request):
+    yield
+    if "datapath" in request.fixturenames:
+        dump.remove_names(TEST_PIN_DIR)
+
+
+@pytest.fixture(scope="module")
+def tracer(loaded_datapath):
+    with tr.Tracer(loaded_datapath.cfg.pin_dir) as t:
+        yield t
+
+
+def snapshot(dp) -> dict[str, list]:
+    return {name: sorted(m.items()) for name, m in dp.maps.items()}
+
+
+def counters(dp) -> dict[str, int]:
+    return {name: global_stat(dp, name) for name in shared.stat_names()}
+
+
+def agrees(dp, tracer, packet: tr.Packet) -> tr.Trace:
+    """Traces `packet`, checks that no map changed, then runs it through the real program
+    (ingress, and egress when the trace did) and checks both decided the same."""
+    before = snapshot(dp)
+    t = tracer.trace(packet)
+    assert snapshot(dp) == before, "the trace changed a map"
+    seen = counters(dp)
+    retval, out = run(dp, packet.frame())
+    real = [(tr.VERDICTS[retval], tr.read_frame(out))]
+    if len(t.steps) == 2:
+        retval, out = run_egress(dp, out)
+        real.append((tr.VERDICTS[retval], tr.read_frame(out)))
+    assert [(s.verdict, s.output) for s in t.steps] == real
+    counted = sorted(n for n, v in counters(dp).items() if v != seen[n])
+    assert sorted({n for s in t.steps for n in s.counted}) == counted
+    return t
+
+
+@pytest.mark.root
+def test_a_tracked_flow_is_a_conntrack_hit(datapath, tracer):
+    program(datapath, THREE)
+    chosen = tr.read_frame(run(datapath, frame(CLIENT, VIP, 41000, 80, "tcp"))[1]).dst
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41000, VIP, 80, "tcp", "A"))
+    assert t.decision == "conntrack_hit" and t.backend == f"{chosen}:8080"
+    assert t.service == "default/web:http" and t.output.dst == chosen
+    text = "\n".join(t.lines())
+    assert "default/web:http" in text and f"{chosen}:8080" in text and "conntrack_hit" in text
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("proto,port,flags,decision", [
+    ("tcp", 80, "S", "reselect"),            # a SYN after expiry: a new flow
+    ("tcp", 80, "A", "conntrack_hit"),       # a segment of an expired flow keeps its backend
+    ("udp", 53, "", "reselect"),
+])
+def test_an_expired_entry(datapath, tracer, proto, port, flags, decision):
+    program(datapath, {**WEB, **DNS})
+    run(datapath, frame(CLIENT, VIP, 41001, port, proto))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 41001, port, proto=6 if proto == "tcp" else 17)
+    set_fields(datapath, key, last_seen=1)
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41001, VIP, port, proto, flags))
+    assert t.decision == decision
+    assert ("expired" in t.reason) == (decision == "reselect")
+
+
+@pytest.mark.root
+def test_a_syn_on_a_closed_flow_chooses_again(datapath, tracer):
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 41002, 80, "tcp"))
+    run(datapath, frame(CLIENT, VIP, 41002, 80, "tcp", flags=TCP_FIN | TCP_ACK))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 41002, "tcp", flags=TCP_FIN | TCP_ACK))
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41002, VIP, 80, "tcp", "S"))
+    assert t.decision == "reselect" and "closed tuple" in t.reason
+
+
+@pytest.mark.root
+def test_a_deleted_backend_makes_the_flow_choose_again(datapath, tracer):
+    program(datapath, DNS)
+    run(datapath, frame(CLIENT, VIP, 41003, 53, "udp"))
+    program(datapath, {"kube-system/dns:dns": (f"{VIP}:53/UDP", [f"{B2}:5353"])})
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41003, VIP, 53, "udp", ""))
+    assert t.decision == "reselect" and "deleted or changed" in t.reason
+    assert t.backend == f"{B2}:5353" and t.output.dst == B2
+
+
+@pytest.mark.root
+def test_no_endpoints_with_the_drop_flag_is_a_drop(datapath, tracer):
+    """The old Python trace called this a reject: the program drops it."""
+    fe = Frontend(VIP, 80, Protocol.TCP)
+    e = dataclasses.replace(entry("default/web:http", fe), drop_without_backends=True)
+    assert not datapath.reconciler.sync(DesiredState({fe: e})).errors
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41004, VIP, 80, "tcp", "S"))
+    assert t.decision == "drop" and "internalTrafficPolicy Local" in t.reason
+
+
+@pytest.mark.root
+@pytest.mark.parametrize("proto,port,decision", [("tcp", 80, "reject_rst"), ("udp", 53, "reject_icmp")])
+def test_no_endpoints_is_a_reject(datapath, tracer, proto, port, decision):
+    program(datapath, {"default/empty:http": (f"{VIP}:80/TCP", []),
+                       "default/empty:dns": (f"{VIP}:53/UDP", [])})
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41005, VIP, port, proto, "S" if proto == "tcp" else ""))
+    assert t.decision == decision and t.output.src == VIP and t.output.dst == CLIENT
+
+
+@pytest.mark.root
+def test_hairpin_both_ways(datapath, tracer):
+    program(datapath, WEB)
+    t = agrees(datapath, tracer, tr.Packet(B1, 41006, VIP, 80, "tcp", "S"))
+    assert t.decision == "new_flow" and any("hairpin" in n for n in t.notes)
+    assert (t.output.src, t.output.dst) == (tr.HAIRPIN_ADDR, B1) and t.steps[0].verdict == "redirect"
+    t = agrees(datapath, tracer, tr.Packet(B1, 8080, tr.HAIRPIN_ADDR, 41006, "tcp", "SA"))
+    assert t.decision == "revnat" and (t.output.src, t.output.sport, t.output.dst) == (VIP, 80, B1)
+
+
+@pytest.mark.root
+def test_affinity_sends_a_new_connection_back(datapath, tracer):
+    program(datapath, THREE, affinity=10800)
+    first = tr.read_frame(run(datapath, frame(CLIENT, VIP, 41007, 80, "tcp"))[1]).dst
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41008, VIP, 80, "tcp", "S"))
+    assert t.decision == "new_flow" and "sessionAffinity" in t.reason
+    assert t.output.dst == first and t.steps[0].has("affinity")
+
+
+@pytest.mark.root
+def test_replies_and_what_is_no_service(datapath, tracer):
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 41009, 80, "tcp"))
+    t = agrees(datapath, tracer, tr.Packet(B1, 8080, CLIENT, 41009, "tcp", "SA"))
+    assert t.decision == "revnat" and t.steps[-1].hook == "egress" and t.output.src == VIP
+    assert t.service == "default/web:http"
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 1, "10.244.9.9", 80, "tcp", "S"))
+    assert t.decision == "pass" and "no service" in t.reason
+    key, _ = ct_entry(datapath, CLIENT, VIP, 41009, 80)
+    datapath.maps["lb4_ct"].delete(key)                   # as the LRU would
+    t = agrees(datapath, tracer, tr.Packet(B1, 8080, CLIENT, 41009, "tcp", "A"))
+    assert t.decision == "pass" and "evicted" in t.reason
+
+
+@pytest.mark.root
+def test_a_new_flow_names_its_slot(datapath, tracer):
+    program(datapath, THREE)
+    before = snapshot(datapath)
+    t = tracer.trace(tr.Packet(CLIENT, 41010, VIP, 80, "tcp", "S"))
+    assert snapshot(datapath) == before
+    assert t.decision == "new_flow" and 1 <= t.steps[0].slot <= 3 and t.steps[0].count == 3
+    assert t.backend == f"{t.output.dst}:8080" and t.output.dst in (B1, B2, B3)
+    assert ct_entry(datapath, CLIENT, VIP, 41010, 80)[1] is None, "no flow was recorded"
+
+
+@pytest.mark.root
+def test_the_cli_prints_and_leaves_no_pins(datapath):
+    program(datapath, WEB)
+    done = lbctl("trace", f"{CLIENT}:41011", f"{VIP}:80/tcp", "--pin-dir", TEST_PIN_DIR)
+    assert done.returncode == 0, done.stderr
+    assert "new_flow" in done.stdout and f"{B1}:8080" in done.stdout
+    done = lbctl("trace", f"{CLIENT}:41011", f"{VIP}:80/tcp", "--json", "--pin-dir", TEST_PIN_DIR)
+    data = json.loads(done.stdout)
+    assert data["decision"] == "new_flow" and data["output"]["dst"] == B1
+    assert not [n for n in os.listdir(os.path.dirname(TEST_PIN_DIR)) if n.startswith("lbctl-trace-")]
+    assert ct_entry(datapath, CLIENT, VIP, 41011, 80)[1] is None
+
+
+@pytest.mark.root
+def test_partial_pins_are_refused_and_nothing_is_pinned(loaded_datapath):
+    pin_dir = f"/sys/fs/bpf/lbctl-test-partial-{os.getpid()}"
+    os.makedirs(pin_dir)
+    try:
+        bpfsys.obj_pin(loaded_datapath.maps["lb4_services"].fd, os.path.join(pin_dir, "lb4_services"))
+        with pytest.raises(tr.TraceError, match="missing: lb4_backends"):
+            tr.trace(pin_dir, tr.Packet(CLIENT, 1, VIP, 80, "tcp"))
+        assert os.listdir(pin_dir) == ["lb4_services"]
+    finally:
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+        os.rmdir(pin_dir)
