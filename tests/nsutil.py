@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import socket
 import subprocess
@@ -63,8 +64,19 @@ def _sysctl(path: str, value: str | None = None) -> str | None:
         return None
 
 
+def forget_conntrack(cidr: str) -> None:
+    """Deletes the node's conntrack entries from and to `cidr` (a lab's pods). Left by an earlier
+    lab or mode, a NATed entry in TIME_WAIT (kube-proxy's modes: client -> VIP, reply backend ->
+    client) takes the reply tuple a new un-NATed flow of the eBPF datapath needs on the same
+    client port (client -> backend), and netfilter drops that flow's packets as a clash for two
+    minutes; kube-proxy's own NAT would pick another source port, the eBPF datapath's tc DNAT
+    happens before netfilter and cannot."""
+    for direction in ("--src", "--dst"):
+        subprocess.run(["conntrack", "-D", direction, cidr], capture_output=True, check=False)
+
+
 @contextlib.contextmanager
-def strict_node(prefix: str, links: list[str]):
+def strict_node(prefix: str, links: list[str], pod_cidr: str):
     """The lab node as kind and hardened hosts run it, for as long as the block lasts:
 
     * strict reverse-path filtering (rp_filter=1, kind's setting) on the lab's pod links: a
@@ -73,21 +85,56 @@ def strict_node(prefix: str, links: list[str]):
       KUBE-FORWARD rule does (and Calico, ufw, firewalld hardening): a datapath that shows
       netfilter one tuple on the way in and another on the way back breaks TCP here;
     * net.netfilter.nf_conntrack_tcp_be_liberal=0 (kube-proxy's default), so that conntrack
-      judges TCP windows and states strictly.
+      judges TCP windows and states strictly;
+    * no conntrack entry of the lab's pods (`pod_cidr`) from before (see forget_conntrack).
 
-    Everything is put back afterwards (links that are gone take their sysctls with them)."""
+    Everything is put back afterwards (links that are gone take their sysctls with them),
+    including the table and built-in chains iptables-nft creates on first use."""
     rule = ["FORWARD", "-i", f"veth{prefix}+", "-m", "conntrack", "--ctstate", "INVALID",
             "-m", "comment", "--comment", f"lbctl-test-invalid-drop:{prefix}", "-j", "DROP"]
     rp_filter = {link: _sysctl(f"/proc/sys/net/ipv4/conf/{link}/rp_filter", "1") for link in links}
     liberal = None
+    chains_before = _nft_filter_chains()
     subprocess.run(["iptables", "-w", "-I", *rule], check=True)
     try:
         liberal = _sysctl(TCP_BE_LIBERAL, "0")   # exists once conntrack is loaded (by the rule)
+        forget_conntrack(pod_cidr)
         yield
     finally:
         subprocess.run(["iptables", "-w", "-D", *rule], check=False)
+        _remove_what_iptables_nft_made(chains_before)
+        forget_conntrack(pod_cidr)
         if liberal is not None:
             _sysctl(TCP_BE_LIBERAL, liberal)
         for link, value in rp_filter.items():
             if value is not None:
                 _sysctl(f"/proc/sys/net/ipv4/conf/{link}/rp_filter", value)
+
+
+def _nft_filter(family: str = "ip") -> tuple[set[str], set[str]] | None:
+    """(chains, chains with rules) of nftables table `family filter`, or None if there is none."""
+    done = subprocess.run(["nft", "-j", "list", "table", family, "filter"], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    items = [next(iter(item.items())) for item in json.loads(done.stdout).get("nftables", [])]
+    return ({b["name"] for kind, b in items if kind == "chain"},
+            {b["chain"] for kind, b in items if kind == "rule"})
+
+
+def _nft_filter_chains() -> set[str] | None:
+    table = _nft_filter()
+    return None if table is None else table[0]
+
+
+def _remove_what_iptables_nft_made(chains_before: set[str] | None) -> None:
+    """iptables-nft made `table ip filter` (or chains in it) for our rule: remove what it made,
+    if nothing else uses it by now."""
+    table = _nft_filter()
+    if table is None:
+        return
+    chains, used = table
+    if chains_before is None and not used:
+        subprocess.run(["nft", "delete", "table", "ip", "filter"], check=False)
+        return
+    for chain in chains - (chains_before or set()) - used:
+        subprocess.run(["nft", "delete", "chain", "ip", "filter", chain], check=False)

@@ -78,7 +78,7 @@ def cluster(tmp_path_factory):
     state = lab.lab_up(lab_spec(), manifests)
     agent = None
     try:
-        with strict_node(PREFIX, state.host_links()):
+        with strict_node(PREFIX, state.host_links(), state.spec.pod_cidr):
             agent = RunningAgent(str(manifests), AGENT_PIN_DIR, (f"veth{PREFIX}*",)).start()
             yield state, agent
     finally:
@@ -259,7 +259,7 @@ def test_teardown_leaves_nothing_behind(tmp_path):
     prefix, pin_dir = f"lbz{os.getpid() % 1000}", TEST_PIN_DIR + "-z"
     state = lab.lab_up(lab_spec(prefix, 201), tmp_path / "m")
     try:
-        with strict_node(prefix, state.host_links()):
+        with strict_node(prefix, state.host_links(), state.spec.pod_cidr):
             agent = RunningAgent(str(tmp_path / "m"), pin_dir, (f"veth{prefix}*",)).start()
             assert request_spread(client_ns(state), "tcp", "10.96.0.10:80", 20)["answers"]
             agent.stop()
@@ -327,7 +327,7 @@ def test_replies_that_bypass_the_backend_link_are_translated_at_the_client(tmp_p
     agent = None
     try:
         clients = tuple(state.pods[c].host_link for c in state.clients)
-        with strict_node(prefix, state.host_links()):
+        with strict_node(prefix, state.host_links(), state.spec.pod_cidr):
             agent = RunningAgent(str(tmp_path / "m"), pin_dir, clients).start()
             assert set(agent.agent.mode.attached.values()) == set(clients)
             for proto, target, service in (("tcp", "10.96.0.10:80", "default/web"),

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from conftest import TEST_PIN_DIR, config_for_tests
 from netfilter_state import iptables_state, nft_state
-from nsutil import socket_in, strict_node, wait_for
+from nsutil import forget_conntrack, socket_in, strict_node, wait_for
 from scipy.stats import chisquare
 
 from lbctl.agent.loop import Agent, AgentOptions
@@ -113,7 +113,7 @@ def lab_state(tmp_path_factory):
                        service_cidr="10.96.210.0/24", services=SERVICES)
     state = lab.lab_up(spec, tmp_path_factory.mktemp("parity-manifests"))
     try:
-        with service_traffic_sink(), strict_node(PREFIX, state.host_links()):
+        with service_traffic_sink(), strict_node(PREFIX, state.host_links(), POD_CIDR):
             yield state
     finally:
         lab.lab_down(PREFIX)
@@ -180,6 +180,7 @@ class Running:
         dump.remove_names(PIN_DIR)
         iptables_mode.IptablesMode.cleanup()
         nftables_mode.NftablesMode.cleanup()
+        forget_conntrack(POD_CIDR)   # the next mode starts from no flows, as on a fresh node
 
 
 def node_ip() -> str:
