@@ -224,3 +224,31 @@ def test_a_failed_load_leaves_no_pin_dir():
     with pytest.raises(ebpf.DatapathError, match="compiling/loading"):
         ebpf.EbpfDatapath(cfg).load()
     assert not os.path.exists(cfg.pin_dir)
+
+
+def test_a_restarted_agent_keeps_a_live_vip_with_its_service():
+    """Service z holds 10.96.0.1:80; after a restart a Service a (which sorts first) claims the
+    same VIP: z keeps it, read from the names file of the pinned maps."""
+    from test_desired import info, svc
+
+    from lbctl.model.objects import EndpointInfo, ServicePort
+
+    cfg = config_for_tests(pin_dir=config_for_tests().pin_dir + "-holder")
+    port = ServicePort("", 80, Protocol.TCP, 80)
+    z = info(svc("z", port, ips=("10.96.0.1",)), port, EndpointInfo("10.0.0.26", 80))
+    a = info(svc("a", port, ips=("10.96.0.1",)), port, EndpointInfo("10.0.0.1", 80))
+    try:
+        first = EbpfMode(cfg)
+        first.start()
+        assert not first.sync([z]).errors
+        first.stop(detach=False)
+        again = EbpfMode(cfg)
+        again.start()
+        assert not again.sync([a, z]).errors
+        (entry_,) = again.desired.services.values()
+        assert entry_.name == "default/z" and entry_.backends[0].address == "10.0.0.26"
+        assert [p.obj for p in again.problems] == ["Service default/a"]
+        again.stop(detach=False)
+    finally:
+        EbpfMode.cleanup(cfg)
+    assert not os.path.exists(cfg.pin_dir)

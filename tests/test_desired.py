@@ -333,6 +333,24 @@ def test_frontend_conflict_first_service_key_wins_whatever_the_input_order():
     assert desired_state(reversed(ports)) == (state, problems)
 
 
+def test_frontend_conflict_the_programmed_service_keeps_it():
+    """A Service that sorts first never takes a VIP another Service holds (duplicate VIPs come
+    from manifests: the API server's allocator refuses them)."""
+    a = svc("a", ServicePort("", 80, TCP, 80), ips=("10.96.0.1",))
+    b = svc("b", ServicePort("", 80, TCP, 80), ips=("10.96.0.1",))
+    ports = [info(a, a.ports[0], EndpointInfo("10.0.0.1", 80)), info(b, b.ports[0], EndpointInfo("10.0.0.2", 80))]
+    held = {Frontend("10.96.0.1", 80, TCP): "default/b"}
+    state, problems = desired_state(ports, holders=held)
+    assert dump(state) == ["10.96.0.1:80/TCP default/b -> 10.0.0.2:80/TCP"]
+    assert problems == (Problem(
+        "Service default/a",
+        "port 80/TCP: frontend 10.96.0.1:80/TCP already belongs to default/b (it is programmed); "
+        "skipped, default/b keeps it"),)
+    assert desired_state(reversed(ports), holders=held) == (state, problems)
+    # a holder that no longer claims it hands it over to the first by key
+    assert dump(desired_state(ports[:1], holders=held)[0]) == ["10.96.0.1:80/TCP default/a -> 10.0.0.1:80/TCP"]
+
+
 def test_result_is_independent_of_input_order():
     infos = service_ports(load_manifests(FIXTURES))
     assert desired_state(infos) == desired_state(reversed(infos))

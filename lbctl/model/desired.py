@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from lbctl.model.objects import (
     Backend,
@@ -45,8 +45,8 @@ def service_ports(snapshot: ClusterSnapshot) -> tuple[ServicePortInfo, ...]:
     return tuple(infos)
 
 
-def desired_state(ports: Iterable[ServicePortInfo],
-                  node_name: str | None = None) -> tuple[DesiredState, tuple[Problem, ...]]:
+def desired_state(ports: Iterable[ServicePortInfo], node_name: str | None = None,
+                  holders: Mapping[Frontend, str] | None = None) -> tuple[DesiredState, tuple[Problem, ...]]:
     """The eBPF datapath's frontends: one ``ServiceEntry`` per IPv4 cluster IP, port and protocol.
 
     ``backends`` take new flows; ``draining`` lists the other TCP endpoints still in the slices,
@@ -54,15 +54,18 @@ def desired_state(ports: Iterable[ServicePortInfo],
 
     Headless and ExternalName services have nothing to proxy and are passed over silently.
     SCTP and IPv6 are not handled by the datapath yet: one Problem per service port. When two
-    services claim the same frontend the first by service key keeps it, so the outcome does not
-    depend on input order.
+    services claim the same frontend, the service port that holds it now (``holders``: frontend
+    -> "ns/name:port" as programmed) keeps it, so a new Service never takes a live VIP from
+    another; between newcomers the first by service key wins, so the outcome does not depend on
+    input order.
 
     ``internalTrafficPolicy: Local`` keeps only endpoints on ``node_name`` (this node); without
     any, the frontend drops instead of rejecting, as kube-proxy does.
     """
     entries: dict[Frontend, ServiceEntry] = {}
     problems: list[Problem] = []
-    for info in sorted(ports, key=_info_order):
+    held = holders or {}
+    for info in sorted(ports, key=lambda i: _claim_order(i, held)):
         service, port = info.service, info.port
         if service.type == "ExternalName" or not service.cluster_ips:
             continue
@@ -87,8 +90,9 @@ def desired_state(ports: Iterable[ServicePortInfo],
             frontend = Frontend(ip, port.port, port.protocol)
             owner = entries.get(frontend)
             if owner is not None:
+                why = " (it is programmed)" if held.get(frontend) == owner.name else ""
                 problems.append(Problem(obj, f"port {_describe(port)}: frontend {frontend} already "
-                                             f"belongs to {owner.name}; skipped, {owner.name} keeps it"))
+                                             f"belongs to {owner.name}{why}; skipped, {owner.name} keeps it"))
                 continue
             affinity = (service.session_affinity_timeout
                         if service.session_affinity == "ClientIP" else 0)
@@ -96,6 +100,16 @@ def desired_state(ports: Iterable[ServicePortInfo],
                                              draining=draining, affinity_timeout=affinity,
                                              drop_without_backends=local_only)
     return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
+
+
+def _claim_order(info: ServicePortInfo, holders: Mapping[Frontend, str]) -> tuple:
+    """Service ports that hold one of their frontends now come first, then the usual order."""
+    if holders:
+        name = info.name
+        for ip in info.service.cluster_ips:
+            if holders.get(Frontend(ip, info.port.port, info.port.protocol)) == name:
+                return (0, *_info_order(info))
+    return (1, *_info_order(info))
 
 
 # --- endpoints -------------------------------------------------------------------------------

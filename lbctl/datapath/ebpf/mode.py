@@ -50,7 +50,8 @@ class EbpfMode:
         """Programs `ports`; with None, retries the last desired state (after a failed sync)."""
         _, reconciler = self._loaded()
         if ports is not None:
-            self.desired, self.problems = desired_state(ports, self.cfg.node_name)
+            self.desired, self.problems = desired_state(ports, self.cfg.node_name,
+                                                        self._holders(reconciler))
         result = reconciler.sync(self.desired)
         if not reconciler.dirty:
             self._write_names(reconciler)
@@ -61,6 +62,14 @@ class EbpfMode:
                     cleanup_other_modes(self.name, self.cfg.pin_dir)
                 self._switched = True
         return result
+
+    def _holders(self, reconciler: Reconciler) -> dict:
+        """Which service port holds each frontend now, so that a second Service claiming a live VIP
+        never takes it: the last desired state, or after a restart the names file of the maps."""
+        if self.desired.services:
+            return {fe: entry.name for fe, entry in self.desired.services.items()}
+        names = dump.read_names(self.cfg.pin_dir)
+        return {fe: names[ps.service_id] for fe, ps in reconciler.services.items() if ps.service_id in names}
 
     def resync(self) -> SyncResult:
         """The periodic full resync: pins removed behind our back are restored, then the maps are
