@@ -238,11 +238,11 @@ def test_a_restarted_agent_keeps_a_live_vip_with_its_service():
     z = info(svc("z", port, ips=("10.96.0.1",)), port, EndpointInfo("10.0.0.26", 80))
     a = info(svc("a", port, ips=("10.96.0.1",)), port, EndpointInfo("10.0.0.1", 80))
     try:
-        first = EbpfMode(cfg)
+        first = EbpfMode(cfg, switch_modes=False)   # leave any other mode alone
         first.start()
         assert not first.sync([z]).errors
         first.stop(detach=False)
-        again = EbpfMode(cfg)
+        again = EbpfMode(cfg, switch_modes=False)
         again.start()
         assert not again.sync([a, z]).errors
         (entry_,) = again.desired.services.values()
