@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lbctl.model import addresses
 from lbctl.model.objects import (
     Endpoint,
     EndpointPort,
@@ -64,7 +65,6 @@ MAX_SLICE_PORTS = 20000
 _LABEL_CHARS = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _DNS1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
 _DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-_DIGITS = re.compile(r"[0-9]+")                             # ASCII only: str.isdigit() is not
 
 DNS1123_LABEL_RULE = ("a DNS-1123 label: at most 63 characters, lowercase letters, digits and '-', "
                       "starting and ending with a letter or digit")
@@ -109,68 +109,15 @@ def parse_port_range(text: str) -> tuple[int, int]:
 
 
 def parse_ip_sloppy(text: Any) -> str | None:
-    """An address as netutils.ParseIPSloppy reads it (Go 1.16's net.ParseIP), in canonical form.
-
-    IPv4 octets may have leading zeros, read as decimal ("010" is 10): old API servers stored
-    such values and kube-proxy still reads them. A zone ("fe80::1%eth0") is not an address."""
-    if not isinstance(text, str):
-        return None
-    for char in text:                    # as net.ParseIP: the first '.' or ':' decides
-        if char == ".":
-            v4 = _ipv4_sloppy(text)
-            return None if v4 is None else str(v4)
-        if char == ":":
-            v6 = _ipv6_sloppy(text)
-            return None if v6 is None else str(v6)
-    return None
+    """An address as kube-proxy reads it (``lbctl.model.addresses``), in canonical form."""
+    ip = addresses.parse_ip_sloppy(text)
+    return None if ip is None else str(ip)
 
 
 def parse_cidr_sloppy(text: Any) -> str | None:
-    """A CIDR as netutils.ParseCIDRSloppy reads it: ADDRESS/BITS, leading zeros allowed in both,
-    host bits masked off; canonical form. Netmasks ("/255.0.0.0") and bare addresses are not
-    CIDRs."""
-    if not isinstance(text, str):
-        return None
-    address, sep, bits = text.partition("/")
-    if not sep or _DIGITS.fullmatch(bits) is None:
-        return None
-    ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = _ipv4_sloppy(address)
-    if ip is None:
-        ip = _ipv6_sloppy(address)
-    digits = bits.lstrip("0") or "0"
-    if ip is None or len(digits) > 3 or int(digits) > ip.max_prefixlen:
-        return None
-    return str(ipaddress.ip_network((ip, int(digits)), strict=False))
-
-
-def _ipv4_sloppy(text: str) -> ipaddress.IPv4Address | None:
-    parts = text.split(".")
-    if len(parts) != 4:
-        return None
-    octets = []
-    for part in parts:
-        if _DIGITS.fullmatch(part) is None:
-            return None
-        digits = part.lstrip("0") or "0"
-        if len(digits) > 3 or int(digits) > 255:
-            return None
-        octets.append(int(digits))
-    return ipaddress.IPv4Address(bytes(octets))
-
-
-def _ipv6_sloppy(text: str) -> ipaddress.IPv6Address | None:
-    if "%" in text:                      # Python takes scope ids; net.ParseIP does not
-        return None
-    head, sep, tail = text.rpartition(":")
-    if sep and "." in tail:              # an embedded IPv4 tail is read sloppily too
-        v4 = _ipv4_sloppy(tail)
-        if v4 is None:
-            return None
-        text = f"{head}:{v4}"
-    try:
-        return ipaddress.IPv6Address(text)
-    except ValueError:
-        return None
+    """A CIDR as kube-proxy reads it (``lbctl.model.addresses``), in canonical form."""
+    network = addresses.parse_cidr_sloppy(text)
+    return None if network is None else str(network)
 
 
 # --- documents -------------------------------------------------------------------------------

@@ -21,10 +21,9 @@ import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from lbctl.model import addresses
+from lbctl.model.addresses import IPAddress, IPNetwork
 from lbctl.model.objects import ServicePortInfo
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 IPV4_LOOPBACK_NET = ipaddress.ip_network("127.0.0.0/8")
@@ -37,36 +36,14 @@ LARGE_CLUSTER_ENDPOINTS_THRESHOLD = 1000
 
 
 def parse_ip_sloppy(text: str) -> IPAddress | None:
-    """Parse an IP the way k8s.io/utils/net.ParseIPSloppy does: IPv4 octets may have leading zeros.
-
-    The API server accepted "010.0.0.1" before 1.24 and kube-proxy still has to proxy such
-    objects, normalizing them ("10.0.0.1"). Python's ipaddress rejects leading zeros, hence this.
-    Returns None for anything that is not an IP.
-    """
-    text = text.strip()
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        pass
-    parts = text.split(".")
-    if len(parts) == 4 and all(p.isdigit() and len(p) <= 3 for p in parts):
-        try:
-            return ipaddress.ip_address(".".join(str(int(p)) for p in parts))
-        except ValueError:
-            return None
-    return None
+    """An IP as netutils.ParseIPSloppy reads it ("010.0.0.1" is 10.0.0.1), surrounding blanks
+    ignored (flag values); None for anything that is not an IP."""
+    return addresses.parse_ip_sloppy(text.strip())
 
 
 def parse_cidr_sloppy(text: str) -> IPNetwork | None:
-    """Parse a CIDR like netutils.ParseCIDRSloppy: host bits are masked off, leading zeros allowed."""
-    address, sep, prefix = text.strip().partition("/")
-    ip = parse_ip_sloppy(address)
-    if ip is None or not sep or not prefix.isdigit():
-        return None
-    try:
-        return ipaddress.ip_network(f"{ip}/{int(prefix)}", strict=False)
-    except ValueError:
-        return None
+    """A CIDR as netutils.ParseCIDRSloppy reads it (host bits masked off), blanks ignored."""
+    return addresses.parse_cidr_sloppy(text.strip())
 
 
 def family_of(address: str) -> int | None:
