@@ -32,6 +32,8 @@ BAD_NUMBERS = [
     (RUN + ["--interval", "nan"], "--interval", "finite"),
     (RUN + ["--interval", "soon"], "--interval", "a number expected"),
     (RUN + ["--sync-period", "0"], "--sync-period", "must be > 0"),
+    (RUN + ["--service-node-port-range", "32767-30000"], "--service-node-port-range", "low before high"),
+    (RUN + ["--service-node-port-range", "lots"], "--service-node-port-range", "is not LOW-HIGH"),
     (RUN + ["--max-seconds", "-1"], "--max-seconds", "must be > 0"),
     (RUN + ["--max-services", "1"], "--max-services", "out of range"),
     (RUN + ["--max-backends", "-3"], "--max-backends", "out of range"),
@@ -147,8 +149,8 @@ def test_run_gives_the_source_a_state_file_of_its_pin_dir(monkeypatch, tmp_path)
     made = {}
 
     class Source:
-        def __init__(self, directory, interval, state_path=None):
-            made.update(directory=directory, state_path=state_path)
+        def __init__(self, directory, interval, state_path=None, node_port_range=None):
+            made.update(directory=directory, state_path=state_path, node_port_range=node_port_range)
 
         def poll(self):
             from lbctl.sources.base import SourceUnavailable
@@ -160,3 +162,8 @@ def test_run_gives_the_source_a_state_file_of_its_pin_dir(monkeypatch, tmp_path)
     assert made["state_path"] == dump.source_state_file(PIN)
     assert os.path.dirname(made["state_path"]) == dump.state_dir()
     assert dump.source_state_file(PIN) != dump.source_state_file(DEFAULT_PIN_DIR)
+    assert made["node_port_range"] == (30000, 32767)    # kube-apiserver's default
+    made.clear()
+    assert cli.main(["run", "--manifests", str(tmp_path), "--pin-dir", PIN,
+                     "--service-node-port-range", "20000-22767"]) == 1
+    assert made["node_port_range"] == (20000, 22767)

@@ -53,6 +53,16 @@ def counts(text: str) -> str:
     return ",".join(str(parse(p)) for p in parts)
 
 
+def port_range(text: str) -> tuple[int, int]:
+    """kube-apiserver's --service-node-port-range: "30000-32767", "30000+2767" or one port."""
+    from lbctl.sources.validate import parse_port_range
+
+    try:
+        return parse_port_range(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 positive_int = int_range(1)
 map_size = int_range(1, U32_MAX)        # BPF map max_entries is a u32
 id_count = int_range(2, U32_MAX)        # ids 1..n-1 (0 means "none"): at least one id

@@ -81,7 +81,8 @@ def cmd_run(args) -> int:
         return 1
     try:
         source = ManifestSource(args.manifests, interval=args.interval,
-                                state_path=dump.source_state_file(args.pin_dir))
+                                state_path=dump.source_state_file(args.pin_dir),
+                                node_port_range=args.service_node_port_range)
         agent = Agent(source, mode=mode,
                       options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit,
                                            sync_period=args.sync_period))
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="conntrack entries, two per flow (%(default)s)")
     run.add_argument("--interval", type=argtypes.positive_float, default=1.0,
                      help="seconds between manifest polls (%(default)s)")
+    run.add_argument("--service-node-port-range", type=argtypes.port_range, default=(30000, 32767),
+                     metavar="LOW-HIGH", help="the nodePorts the cluster's API server accepts (its "
+                     "--service-node-port-range): a Service with another is refused (30000-32767)")
     run.add_argument("--sync-period", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
                      help="seconds between full resyncs, which read the kernel back and repair "
                           "whatever changed behind the agent's back (kube-proxy's --sync-period; "
