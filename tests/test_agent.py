@@ -268,3 +268,95 @@ def test_the_loop_retries_pending_links_on_every_turn():
     agent.run(stop, max_seconds=60)
     assert mode.tries == 4, "the start's scan, then one per turn until it worked"
     assert mode.calls == ["start", "sync", "stop(detach=False)"]
+
+
+# --- review fixes: the switch waits, failures are retried with backoff, a resync that fails -----
+
+
+def _fake_ebpf_mode(monkeypatch, calls, pin_dir="/sys/fs/bpf/lbctl-t-switch-wait"):
+    from lbctl.datapath.ebpf import mode as ebpf_mode
+    from lbctl.datapath.ebpf.reconcile import BACKENDS, SERVICES, Reconciler
+    from lbctl.testing.fakemap import FakeMap
+
+    monkeypatch.setattr(ebpf_mode, "cleanup_other_modes", lambda *a: calls.append(a) or [])
+    mode = EbpfMode(ebpf.DatapathConfig(pin_dir=pin_dir))
+    mode.datapath = ebpf.EbpfDatapath(mode.cfg)
+    mode.reconciler = Reconciler({SERVICES: FakeMap(), BACKENDS: FakeMap()}, 10, 10)
+    mode._switched = False
+    return mode
+
+
+def test_switching_modes_waits_for_every_link(monkeypatch):
+    """Coming from nftables mode, its table stays while a pod link has no eBPF program yet."""
+    from lbctl.datapath.ebpf import dump
+
+    calls: list = []
+    mode = _fake_ebpf_mode(monkeypatch, calls)
+    mode.failed[7] = ("veth7", "busy")
+    mode.sync([])
+    assert calls == [], "not while a link is pending"
+    mode.failed.clear()
+    mode.sync([])
+    assert len(calls) == 1
+    dump.remove_names(mode.cfg.pin_dir)
+
+
+def test_a_names_file_that_cannot_be_written_is_no_failure(monkeypatch, caplog):
+    from lbctl.datapath.ebpf import dump
+    from lbctl.datapath.ebpf import mode as ebpf_mode
+
+    calls: list = []
+    mode = _fake_ebpf_mode(monkeypatch, calls)
+
+    def full(*_):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ebpf_mode.dump, "write_names", full)
+    assert not mode.sync([]).errors
+    assert "could not write the service names" in caplog.text
+    assert len(calls) == 1, "programmed: the switch goes ahead"
+    monkeypatch.undo()
+    dump.remove_names(mode.cfg.pin_dir)
+
+
+class FailingMode(RecordingMode):
+    """Every sync fails (needs a retry); resync raises."""
+
+    needs_retry = True
+
+    def sync(self, ports=None):
+        super().sync(ports)
+        return SyncResult(errors=["injected"])
+
+    def resync(self):
+        self.calls.append("resync")
+        raise OSError(5, "injected")
+
+
+def test_a_failed_sync_is_retried_with_backoff():
+    clock = Clock()
+    mode = FailingMode()
+    agent = Agent(ScriptedSource(snapshot()), mode=mode, clock=clock,
+                  options=AgentOptions(interval=1.0, sync_period=30.0))
+    agent.turn()
+    retries_at = []
+    for second in range(1, 40):
+        clock.now = float(second)
+        before = mode.calls.count("retry")
+        agent.turn()
+        if mode.calls.count("retry") > before:
+            retries_at.append(second)
+    assert retries_at == [1, 3, 7, 15, 31], "1 s, doubling, at most the sync period"
+
+
+def test_a_resync_that_fails_waits_for_the_next_period(caplog):
+    clock = Clock()
+    mode = RecordingMode()
+    mode.resync = FailingMode.resync.__get__(mode)
+    agent = Agent(ScriptedSource(snapshot()), mode=mode, clock=clock,
+                  options=AgentOptions(interval=1.0, sync_period=30.0))
+    agent.turn()
+    for second in range(31, 45):
+        clock.now = float(second)
+        agent.turn()
+    assert mode.calls.count("resync") == 1, "not every turn"

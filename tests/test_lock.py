@@ -11,6 +11,7 @@ import pytest
 from lbctl.agent import lock as agent_lock
 from lbctl.agent.lock import AgentLock, AgentRunning, lock_path, running_agents
 from lbctl.cli import main as cli
+from lbctl.cli.demo import DEMO_PIN_DIR
 from lbctl.datapath import base as modes
 from lbctl.datapath.base import DEFAULT_PIN_DIR
 
@@ -100,6 +101,17 @@ def test_lbctl_run_next_to_an_agent_exits_naming_it(monkeypatch, tmp_path, caplo
                          "--node-ip", "192.0.2.2"])
     assert code == 1
     assert f"pid {os.getpid()}" in caplog.text and "one agent per node" in caplog.text
+
+
+@pytest.mark.parametrize("other", [PIN + "-other", DEMO_PIN_DIR])
+def test_lbctl_run_next_to_an_agent_of_another_pin_dir_is_refused(monkeypatch, tmp_path, caplog, other):
+    """Another pin dir (or the demo's) is another datapath on the same links and tables."""
+    monkeypatch.setattr(cli, "build_mode", lambda args: NeverStarted())
+    with AgentLock(other, "lbctl run --mode ebpf"):
+        code = cli.main(["run", "--manifests", str(tmp_path), "--pin-dir", PIN])
+    assert code == 1
+    assert f"pid {os.getpid()}" in caplog.text and other in caplog.text
+    assert not os.path.exists(lock_path(PIN)), "its own lock let go"
 
 
 def test_cleanup_while_an_agent_runs_needs_force(monkeypatch, capsys):

@@ -54,6 +54,8 @@ class Agent:
         self._reported: set[str] = set()
         self._unavailable: str | None = None  # the source's outage, while it lasts
         self._programmed = False              # a snapshot was given to the mode
+        self._retry_delay = 0.0               # backoff of the retries of a failed sync
+        self._next_retry = 0.0
         self._next_resync = clock() + options.sync_period   # reset when the mode starts
 
     def report(self, problems) -> None:
@@ -78,10 +80,10 @@ class Agent:
     def resync(self) -> SyncResult:
         """Reads the kernel back and repairs any difference from the last desired state."""
         started = time.monotonic()
+        self._next_resync = self.clock() + self.options.sync_period   # also when this one fails
         resync = getattr(self.mode, "resync", None)
         result = resync() if resync is not None else self.mode.sync(None)
         self.resyncs += 1
-        self._next_resync = self.clock() + self.options.sync_period
         if result.changed:
             log.warning("resync (%s): the kernel differed from what was programmed; repaired: %s",
                         self.mode.name, result)
@@ -91,7 +93,13 @@ class Agent:
         self.syncs += 1
         for error in result.errors:
             log.error("sync: %s", error)
-        if not getattr(self.mode, "needs_retry", False):
+        if getattr(self.mode, "needs_retry", False):
+            # a failed sync is retried with backoff (interval, doubling, at most sync_period):
+            # each retry re-reads the maps, which a kernel that keeps refusing must not cost each turn
+            self._retry_delay = min(max(self.options.interval, 2 * self._retry_delay), self.options.sync_period)
+            self._next_retry = self.clock() + self._retry_delay
+        else:
+            self._retry_delay = 0.0
             self.synced.set()
         if (result.changed and not quiet) or result.errors:
             log.info("sync (%s): %s in %.1f ms", self.mode.name, result,
@@ -150,7 +158,8 @@ class Agent:
             if snapshot is not None:
                 self.sync_snapshot(snapshot)
             elif getattr(self.mode, "needs_retry", False):
-                self.retry()
+                if self.clock() >= self._next_retry:
+                    self.retry()
             elif self._programmed and self.clock() >= self._next_resync:
                 self.resync()
             if housekeeping is not None:

@@ -54,7 +54,7 @@ def build_mode(args):
 
 
 def cmd_run(args) -> int:
-    from lbctl.agent.lock import AgentLock, AgentRunning
+    from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
     from lbctl.agent.loop import Agent, AgentOptions
     from lbctl.datapath.ebpf import dump
     from lbctl.sources.base import SourceUnavailable
@@ -72,6 +72,12 @@ def cmd_run(args) -> int:
     lock = AgentLock(args.pin_dir, f"lbctl run --mode {args.mode}")
     try:
         lock.acquire()
+        # another pin dir is another datapath, but the same node, links and netfilter tables:
+        # refused too (two starting at once both refuse; the next try wins)
+        others = running_agents(exclude=lock.path)
+        if others:
+            lock.release()
+            raise AgentRunning(others[0], f"lbctl run --mode {args.mode}")
     except AgentRunning as exc:
         log.error("%s", exc)
         return 1

@@ -55,9 +55,13 @@ class EbpfMode:
         result = reconciler.sync(self.desired)
         if not reconciler.dirty:
             self._write_names(reconciler)
-            if not self._switched:
-                # Switching modes: only now that this datapath is attached and programmed are
-                # the other modes' objects removed, so that services never go unserved.
+            if not self._switched and self.switch_modes and (result.errors or self.failed):
+                log.info("the other modes' objects stay until every service is programmed and every "
+                         "link attached (%d error(s), %d link(s) pending)", len(result.errors), len(self.failed))
+            elif not self._switched:
+                # Switching modes: only now that this datapath is attached and programmed
+                # everywhere are the other modes' objects removed, so that services never go
+                # unserved (tc DNATs before netfilter: the two coexist meanwhile).
                 if self.switch_modes:
                     cleanup_other_modes(self.name, self.cfg.pin_dir)
                 self._switched = True
@@ -90,7 +94,12 @@ class EbpfMode:
         """The service names `lbctl dump maps` shows, written when they change."""
         names = reconciler.service_names(self.desired)
         if names != self._names:
-            dump.write_names(self.cfg.pin_dir, names)
+            try:
+                dump.write_names(self.cfg.pin_dir, names)
+            except OSError as exc:   # /run full or read-only: only `dump maps` loses its names
+                log.warning("could not write the service names for `lbctl dump maps` to %s: %s; "
+                            "trying again at the next sync", dump.state_file(self.cfg.pin_dir), exc)
+                return
             self._names = names
 
     @property
