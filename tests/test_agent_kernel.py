@@ -252,3 +252,19 @@ def test_a_restarted_agent_keeps_a_live_vip_with_its_service():
     finally:
         EbpfMode.cleanup(cfg)
     assert not os.path.exists(cfg.pin_dir)
+
+
+def test_dump_tells_a_dropping_service_from_a_rejecting_one(datapath):
+    """internalTrafficPolicy Local without a local endpoint drops; no endpoints at all rejects."""
+    from lbctl.datapath.ebpf import dump
+    from lbctl.model.objects import ServiceEntry
+
+    local = Frontend("10.96.0.11", 80, Protocol.TCP)
+    empty = Frontend("10.96.0.12", 80, Protocol.TCP)
+    desired = DesiredState({local: ServiceEntry(local, "default/local", (), drop_without_backends=True),
+                            empty: ServiceEntry(empty, "default/empty", ())})
+    assert not datapath.reconciler.sync(desired).errors
+    table = dump.format_table(dump.collect(datapath.cfg.pin_dir))
+    rows = {line.split()[2]: line for line in table.splitlines() if line.startswith("-")}
+    assert rows["10.96.0.11:80/TCP"].endswith("(no endpoints: drop)")
+    assert rows["10.96.0.12:80/TCP"].endswith("(no endpoints: reject)")

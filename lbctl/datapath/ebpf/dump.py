@@ -78,6 +78,7 @@ class ServiceRow:
     frontend: str
     count: int
     affinity_timeout: int = 0       # sessionAffinity ClientIP (s); 0: none
+    drop: bool = False              # without endpoints: drop (iTP Local), not reject
     flows: int = 0
     packets: int = 0
     bytes: int = 0
@@ -117,6 +118,7 @@ def collect(pin_dir: str) -> dict:
                                 "(or has it run since boot)?")
     names = read_names(pin_dir)
     affinity_flag = shared.const("LB_SVC_F_AFFINITY")
+    drop_flag = shared.const("LB_SVC_F_DROP")
     with BpfMap.open_pinned(path("lb4_services")) as svc_map, \
             BpfMap.open_pinned(path("lb4_backends")) as be_map, \
             BpfMap.open_pinned(path("lb_service_stats")) as svc_stats, \
@@ -137,7 +139,8 @@ def collect(pin_dir: str) -> dict:
                 # the union's first word is the affinity timeout in a frontend
                 rows[frontend] = ServiceRow(service_id, names.get(service_id, ""),
                                             _endpoint(address, dport, proto), count,
-                                            backend_id if flags & affinity_flag else 0)
+                                            backend_id if flags & affinity_flag else 0,
+                                            bool(flags & drop_flag))
             else:
                 slots.setdefault(frontend, []).append((slot, backend_id))
         for frontend, row in rows.items():
@@ -176,7 +179,7 @@ def format_table(state: dict) -> str:
     lines.append(header)
     for s in state["services"]:
         label = s["name"] or "-"
-        note = "" if s["count"] else "  (no endpoints: reject)"
+        note = "" if s["count"] else "  (no endpoints: drop)" if s.get("drop") else "  (no endpoints: reject)"
         if s["affinity_timeout"]:
             note += f"  (affinity ClientIP {s['affinity_timeout']}s)"
         lines.append(f"{label:<28} {s['id']:>5} {s['frontend']:<26} {0:>4} {s['flows']:>8} "
