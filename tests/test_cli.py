@@ -167,3 +167,18 @@ def test_run_gives_the_source_a_state_file_of_its_pin_dir(monkeypatch, tmp_path)
     assert cli.main(["run", "--manifests", str(tmp_path), "--pin-dir", PIN,
                      "--service-node-port-range", "20000-22767"]) == 1
     assert made["node_port_range"] == (20000, 22767)
+
+
+def test_render_validates_node_ports_against_the_range_it_is_given(tmp_path, capsys):
+    """`render` and `run` take the same --service-node-port-range (cli.config)."""
+    from kubeproxy_cases import write_cli_manifests
+
+    write_cli_manifests(tmp_path)          # nodePort 30001
+    base = ["render", "iptables", "--manifests", str(tmp_path), "--node-name", "test-node",
+            "--node-ip", "192.0.2.2", "--no-random-fully", "--no-nfacct", "--no-tcp-be-liberal"]
+    assert cli.main(base) == 0
+    out, err = capsys.readouterr()
+    assert "30001" in out and err == ""
+    assert cli.main(base + ["--service-node-port-range", "31000-32000"]) == 0
+    out, err = capsys.readouterr()
+    assert "svc1" in err and "31000-32000" in err and "30001" not in out

@@ -38,6 +38,13 @@ def add_kube_proxy_flags(parser: argparse.ArgumentParser | Any, *, required: boo
                         help="fwmark bit for packets to masquerade, 0-31 (%(default)s)")
 
 
+def add_source_flags(parser: argparse.ArgumentParser | Any) -> None:
+    """What the manifests are validated against, for `run` and `render` alike."""
+    parser.add_argument("--service-node-port-range", type=argtypes.port_range, default=(30000, 32767),
+                        metavar="LOW-HIGH", help="the nodePorts the cluster's API server accepts (its "
+                        "--service-node-port-range): a Service with another is refused (30000-32767)")
+
+
 def flag_errors(args) -> list[str]:
     """Flag values kube-proxy's validation would refuse, each with the fix."""
     from lbctl.datapath.kubeproxy import common

@@ -276,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="conntrack entries, two per flow (%(default)s)")
     run.add_argument("--interval", type=argtypes.positive_float, default=1.0,
                      help="seconds between manifest polls (%(default)s)")
-    run.add_argument("--service-node-port-range", type=argtypes.port_range, default=(30000, 32767),
-                     metavar="LOW-HIGH", help="the nodePorts the cluster's API server accepts (its "
-                     "--service-node-port-range): a Service with another is refused (30000-32767)")
+    config.add_source_flags(run)
     run.add_argument("--sync-period", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
                      help="seconds between full resyncs, which read the kernel back and repair "
                           "whatever changed behind the agent's back (kube-proxy's --sync-period; "

@@ -61,6 +61,7 @@ def _common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--manifests", type=Path, required=True, metavar="DIR",
                         help="directory of Service/EndpointSlice/Endpoints YAML")
     config.add_kube_proxy_flags(parser, required=True)
+    config.add_source_flags(parser)
     parser.add_argument("--ip-family", type=int, choices=(4, 6), default=None,
                         help="which proxier to render (default: the first --node-ip's family)")
 
@@ -74,7 +75,7 @@ class ManifestsMissing(Exception):
     """--manifests is not a directory: rendering "no services" would look like a valid answer."""
 
 
-def _load_ports(mode: str, directory: Path):
+def _load_ports(mode: str, directory: Path, node_port_range: tuple[int, int]):
     """Service ports from the manifests; every problem is reported on stderr."""
     from lbctl.model.desired import service_ports
     from lbctl.sources.manifests import SourceUnavailable, load_manifests
@@ -82,7 +83,7 @@ def _load_ports(mode: str, directory: Path):
     if not directory.is_dir():
         raise ManifestsMissing(f"--manifests {directory}: not a directory")
     try:
-        snapshot = load_manifests(directory)
+        snapshot = load_manifests(directory, node_port_range)
     except SourceUnavailable as exc:     # exists but cannot be read (permission denied, ...)
         raise ManifestsMissing(f"--manifests {directory}: {exc.reason}") from None
     for problem in snapshot.problems:
@@ -90,10 +91,10 @@ def _load_ports(mode: str, directory: Path):
     return service_ports(snapshot)
 
 
-def _print_rendered(mode: str, directory: Path, render: Callable[[Sequence], str]) -> int:
+def _print_rendered(mode: str, args, render: Callable[[Sequence], str]) -> int:
     """Load the manifests and print what `render` makes of their service ports."""
     try:
-        ports = _load_ports(mode, directory)
+        ports = _load_ports(mode, args.manifests, args.service_node_port_range)
     except ManifestsMissing as exc:
         return _fail(mode, str(exc), code=1)
     sys.stdout.write(render(ports))
@@ -110,7 +111,7 @@ def cmd_render_iptables(args) -> int:
         for argv in render_jump_chains(cfg) + render_jump_rules(cfg):
             print(shlex.join(argv))
         return 0
-    return _print_rendered("iptables", args.manifests, lambda ports: render_iptables(ports, cfg))
+    return _print_rendered("iptables", args, lambda ports: render_iptables(ports, cfg))
 
 
 def cmd_render_nftables(args) -> int:
@@ -119,4 +120,4 @@ def cmd_render_nftables(args) -> int:
         cfg = config.kube_proxy_config("nftables", args, rendering=True)
     except ValueError as exc:
         return _fail("nftables", str(exc))
-    return _print_rendered("nftables", args.manifests, lambda ports: render_nftables(ports, cfg))
+    return _print_rendered("nftables", args, lambda ports: render_nftables(ports, cfg))
