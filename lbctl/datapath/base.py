@@ -17,15 +17,17 @@ A mode is given every service port with its endpoints (``ServicePortInfo``, the 
     cleanup()               (class method) remove this mode's kernel objects, whoever made them
 
 Modes that attach to links (eBPF) also have ``attach_links(ipr)``, called at start and whenever
-links come or go, and ``pending_links`` (links whose attach failed), retried on every turn. Modes with deferred kernel work (nftables deletes stale chains a second after
-unlinking them) have ``housekeeping()``, which the agent calls between syncs.
+links come or go, and ``pending_links`` (links whose attach failed), retried on every turn.
+Modes with deferred kernel work (nftables deletes stale chains a second after unlinking them)
+have ``housekeeping()``, which the agent calls between syncs.
 
-Switching modes on a node: a mode's start(), once it knows it can run, removes the objects the
-other modes left (``cleanup_other_modes``), so a mode that cannot start leaves the previous one
-serving.
+Switching modes on a node: the objects the other modes left are removed
+(``cleanup_other_modes``) only once the new mode serves: the kube-proxy modes in start(), once
+they know they can run; eBPF after its first sync that programmed every service with every link
+attached. A mode that cannot start leaves the previous one serving.
 
     mode        class                                   kernel objects
-    ebpf        lbctl.datapath.ebpf.mode.EbpfMode               tc filters, pinned maps
+    ebpf        lbctl.datapath.ebpf.mode.EbpfMode                tc filters, pinned maps
     iptables    lbctl.datapath.kubeproxy.iptables_mode           KUBE-* chains (nat, filter), jump rules
     nftables    lbctl.datapath.kubeproxy.nftables_mode           table ip kube-proxy
     ipvs        lbctl.datapath.kubeproxy.ipvs                    IPVS services, kube-ipvs0, ipsets, chains

@@ -21,7 +21,7 @@ entries deleted or changed behind the agent's back.
 
 (Before all that, slots left beyond a frontend's count by an interrupted sync are dropped.)
 
-Maps are anything with ``lookup/update/delete/items`` on bytes (``bpfsys.BpfMap`` or
+Maps are anything with ``lookup/update/delete/items/update_batch/delete_batch`` on bytes (``bpfsys.BpfMap`` or
 ``lbctl.testing.fakemap.FakeMap``), so this whole module is tested without root.
 """
 from __future__ import annotations
