@@ -153,6 +153,45 @@ def test_a_subdirectory_that_cannot_be_listed_is_a_problem_and_the_rest_is_read(
         f"directory {locked}": "cannot list: Permission denied; its manifests skipped, others loaded"}
 
 
+def test_the_files_of_a_subdirectory_that_cannot_be_listed_keep_their_objects(tmp_path, monkeypatch):
+    web(tmp_path)
+    locked = tmp_path / "locked"
+    db = write(locked / "db.yaml", SVC.format(name="db", ip="10.96.0.2"))
+    source = ManifestSource(tmp_path)
+    assert sorted(source.poll().services) == ["default/db", "default/web"]
+    with monkeypatch.context() as patch:
+        failing_scandir(patch, locked, PermissionError(errno.EACCES, "Permission denied"))
+        snapshot = source.poll()
+        assert sorted(snapshot.services) == ["default/db", "default/web"]
+        assert problems_of(snapshot)[f"file {db}"] == ("in a directory that cannot be listed; keeping the "
+                                                       "1 document(s) it last held until it is fixed")
+        assert f"directory {locked}" in problems_of(snapshot)
+        assert source.poll() is None             # and stays so
+    db.write_text(SVC.format(name="db", ip="10.96.0.3"))                # listed again: read again
+    snapshot = source.poll()
+    assert snapshot.services["default/db"].cluster_ips == ("10.96.0.3",) and snapshot.problems == ()
+    db.unlink()
+    assert sorted(source.poll().services) == ["default/web"]
+
+
+def test_a_file_dated_in_the_future_is_not_racy(tmp_path):
+    """Racy only within the window on both sides of now: a far-future mtime would otherwise
+    make every poll re-read the directory; a write now changes its mtime anyway."""
+    path = web(tmp_path)
+    now = manifests.time.time_ns()
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, now + 3600 * 10**9))            # an hour ahead
+    source = ManifestSource(tmp_path)
+    source.poll()
+    assert not source._racy
+    os.utime(path, ns=(st.st_atime_ns, now + manifests.RACY_WINDOW_NS // 2))   # within the window
+    source.poll()
+    assert source._racy
+    entry = manifests._Entry(path, (now + manifests.RACY_WINDOW_NS + 1, 1, 1, 1), None)
+    assert not manifests._is_racy([entry], now)
+    assert manifests._is_racy([entry._replace(state=(now - manifests.RACY_WINDOW_NS, 1, 1, 1))], now)
+
+
 def test_render_names_an_unreadable_directory(tmp_path, monkeypatch, capsys):
     """`lbctl render` exits 1 with one line, not a traceback and not an empty ruleset."""
     from lbctl.cli import main as cli

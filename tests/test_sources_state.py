@@ -262,15 +262,106 @@ def test_an_endpoint_slice_defined_twice_stays_with_the_programmed_copy(layout):
     assert addresses(ManifestSource(directory, state_path=state).poll()) == ["10.244.0.1"]
 
 
-def test_a_copy_that_becomes_invalid_hands_the_name_over_and_keeps_it_lost(layout):
-    """The programmed copy is the one that counts: once the other copy is programmed (the
-    first became invalid), fixing the first does not move the service back."""
+def test_a_copy_that_becomes_invalid_keeps_its_last_valid_version_and_the_name(layout):
+    """An invalid update is refused, as by the API server: the programmed copy stays (its last
+    valid version), so the other copy of the name never takes over."""
     directory, _ = layout
     web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
-    write(directory / "z.yaml", SVC.format(name="web", ip="10.96.0.2"))
+    other = write(directory / "z.yaml", SVC.format(name="web", ip="10.96.0.2"))
     source = ManifestSource(directory)
     assert cluster_ip(source.poll()) == "10.96.0.1"
     web.write_text(SVC.format(name="web", ip="10.96.0.300"))             # parses, invalid object
-    assert cluster_ip(source.poll()) == "10.96.0.2"
+    snapshot = source.poll()
+    assert cluster_ip(snapshot) == "10.96.0.1"
+    messages = [p.message for p in snapshot.problems if p.obj == "Service default/web"]
+    assert any(str(other) in m and "(it was programmed first)" in m for m in messages)
     web.write_text(SVC.format(name="web", ip="10.96.0.1"))
-    assert cluster_ip(source.poll()) == "10.96.0.2"
+    assert cluster_ip(source.poll()) == "10.96.0.1"
+
+
+# --- an object that becomes invalid keeps its last valid version ------------------------------
+
+
+def test_an_object_that_becomes_invalid_keeps_its_last_valid_version(layout):
+    directory, _ = layout
+    web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1") + "---\n"
+                + SVC.format(name="db", ip="10.96.0.2"))
+    source = ManifestSource(directory)
+    assert sorted(source.poll().services) == ["default/db", "default/web"]
+    web.write_text(SVC.format(name="web", ip="10.96.0.1").replace("port: 80", "port: 99999") + "---\n"
+                   + SVC.format(name="db", ip="10.96.0.3"))
+    snapshot = source.poll()
+    assert snapshot.services["default/web"].ports[0].port == 80        # the previous version
+    assert cluster_ip(snapshot, "default/db") == "10.96.0.3"            # the valid update applies
+    (problem,) = snapshot.problems
+    assert problem.obj == "Service default/web"
+    assert str(web) in problem.message and "99999" in problem.message
+    assert problem.message.endswith("the previous valid version stays programmed until it is fixed")
+    assert "service skipped" not in problem.message
+
+    web.write_text(SVC.format(name="web", ip="10.96.0.9") + "---\n" + SVC.format(name="db", ip="10.96.0.3"))
+    fixed = source.poll()
+    assert cluster_ip(fixed) == "10.96.0.9" and fixed.problems == ()
+
+
+def test_an_invalid_object_in_a_file_that_then_stops_parsing_keeps_its_last_valid_version(layout):
+    directory, _ = layout
+    web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
+    source = ManifestSource(directory)
+    source.poll()
+    web.write_text(SVC.format(name="web", ip="10.96.0.300"))
+    assert cluster_ip(source.poll()) == "10.96.0.1"
+    web.write_text(BROKEN)                       # the last good text holds the invalid version
+    snapshot = source.poll()
+    assert cluster_ip(snapshot) == "10.96.0.1"
+    assert {p.obj for p in snapshot.problems} == {f"file {web}", "Service default/web"}
+
+
+def test_a_restart_keeps_the_last_valid_version_of_an_invalid_object(layout):
+    directory, state = layout
+    web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
+    ManifestSource(directory, state_path=state).poll()
+    web.write_text(SVC.format(name="web", ip="10.96.0.300"))             # while the agent is down
+    snapshot = ManifestSource(directory, state_path=state).poll()
+    assert cluster_ip(snapshot) == "10.96.0.1"
+    assert [p.obj for p in snapshot.problems] == ["Service default/web"]
+    assert ManifestSource(directory, state_path=state).poll().services["default/web"].cluster_ips == ("10.96.0.1",)
+
+
+@pytest.mark.parametrize("state_file", [False, True])
+def test_an_object_removed_from_its_file_or_a_file_deleted_is_removed(layout, state_file):
+    """Only an object still present but invalid keeps its last valid version."""
+    directory, state = layout
+    web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1") + "---\n"
+                + SVC.format(name="db", ip="10.96.0.2"))
+    source = ManifestSource(directory, state_path=state if state_file else None)
+    source.poll()
+    web.write_text(SVC.format(name="web", ip="10.96.0.300"))             # db removed, web invalid
+    assert sorted(source.poll().services) == ["default/web"]
+    web.write_text(SVC.format(name="db", ip="10.96.0.2"))                # web removed too
+    assert sorted(source.poll().services) == ["default/db"]
+    web.write_text(SVC.format(name="web", ip="10.96.0.300"))             # back, never valid since
+    assert sorted(source.poll().services) == []
+    web.write_text(SVC.format(name="web", ip="10.96.0.1"))
+    source.poll()
+    web.unlink()
+    assert source.poll().services == {}
+    write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.300"))   # a new file
+    assert source.poll().services == {}
+    if state_file:
+        assert json.loads(state.read_text())["objects"] == {}
+
+
+# --- the state file deleted behind the agent's back ------------------------------------------
+
+
+def test_a_state_file_deleted_while_running_is_written_again(layout):
+    """lbctl cleanup --force may delete it: the next poll writes it back, changes or not."""
+    directory, state = layout
+    web = write(directory / "web.yaml", SVC.format(name="web", ip="10.96.0.1"))
+    age(web)
+    source = ManifestSource(directory, state_path=state)
+    source.poll()
+    state.unlink()
+    assert source.poll() is None
+    assert json.loads(state.read_text())["files"] == {"web.yaml": SVC.format(name="web", ip="10.96.0.1")}

@@ -29,15 +29,20 @@ listed) raises ``SourceUnavailable``: it never means "no services".
 
 Last good objects: a file that stops parsing, or can no longer be read, keeps the documents it
 last parsed to, as the API server keeps the old object when an update is invalid: a typo while
-editing never deletes the file's services. A file that is gone takes its objects with it.
+editing never deletes the file's services. An object (kind namespace/name) that still parses but
+is now invalid (``port: 99999``) keeps its last valid version, with a Problem naming it, the
+file and the error. Files under a subdirectory that cannot be listed keep their objects until it
+can be listed again. An object removed from its file is removed; a file that is gone takes its
+objects with it.
 
 A name defined twice (two files hold ``Service default/web``): the copy that is programmed
 keeps it, so adding a file never moves a live service; at the very first read the copy in the
 file that sorts first wins. Every duplicate is a Problem naming both files.
 
-With ``state_path``, both memories (the text of every file's last good version, and which file
-holds each name) survive a restart: written atomically (a temporary file, then a rename) when
-they change, read at the first poll. A state file that cannot be read or makes no sense is
+With ``state_path``, these memories (the text of every file's last good version, the last
+valid version of every object, and which file holds each name) survive a restart: written
+atomically (a temporary file, then a rename) when they change or the file is found missing
+(``lbctl cleanup --force``), read at the first poll. A state file that cannot be read or makes no sense is
 reported and ignored, never fatal.
 """
 from __future__ import annotations
@@ -94,7 +99,7 @@ def load_manifests(directory: Path | str,
     end up in ``snapshot.problems``. A directory that cannot be read at all raises
     ``SourceUnavailable``.
     """
-    entries, problems = _scan(Path(directory))
+    entries, problems, _ = _scan(Path(directory))
     return _build(entries, problems, node_port_range, memory=None)
 
 
@@ -135,15 +140,17 @@ class ManifestSource:
         differs from the last one.
         """
         scan_started = time.time_ns()
-        entries, problems = _scan(self.directory)
+        entries, problems, unlisted = _scan(self.directory)
         if not self._state_read:
             self._read_state()
         if self._write_problem is not None:
             self._write_state()                  # retry a write that failed
+        elif self._saved is not None and self.state_path is not None and not self.state_path.exists():
+            self._write_state()                  # deleted behind our back (lbctl cleanup --force)
         fingerprint = _fingerprint(entries, problems)
         if self._snapshot is not None and fingerprint == self._fingerprint and not self._racy:
             return None
-        snapshot = _build(entries, problems, self.node_port_range, self._memory)
+        snapshot = _build(entries, problems, self.node_port_range, self._memory, unlisted)
         if self.state_path is not None and self._saved != self._memory:
             self._write_state()
         extra = self._state_problems + ([self._write_problem] if self._write_problem else [])
@@ -191,10 +198,10 @@ class _Entry(NamedTuple):
     problem: Problem | None
 
 
-def _scan(directory: Path) -> tuple[list[_Entry], list[Problem]]:
-    """Every manifest-named entry under ``directory``, sorted by path components, and the
-    problems of directories skipped. Raises ``SourceUnavailable`` if ``directory`` itself
-    cannot be read."""
+def _scan(directory: Path) -> tuple[list[_Entry], list[Problem], tuple[Path, ...]]:
+    """Every manifest-named entry under ``directory``, sorted by path components, the
+    problems of directories skipped, and the subdirectories that could not be listed. Raises
+    ``SourceUnavailable`` if ``directory`` itself cannot be read."""
     source = f"manifests directory {directory}"
     try:
         top = os.stat(directory)
@@ -204,6 +211,7 @@ def _scan(directory: Path) -> tuple[list[_Entry], list[Problem]]:
         raise SourceUnavailable(source, "is not a directory")
     entries: list[_Entry] = []
     problems: list[Problem] = []
+    unlisted: list[Path] = []
     seen = {(top.st_dev, top.st_ino): directory}
     pending = [directory]
     while pending:
@@ -214,6 +222,7 @@ def _scan(directory: Path) -> tuple[list[_Entry], list[Problem]]:
         except OSError as error:
             if folder == directory:
                 raise SourceUnavailable(source, _unavailable(error, "cannot list it")) from None
+            unlisted.append(folder)
             problems.append(Problem(f"directory {folder}", f"cannot list: {error.strerror or error}; "
                                                            "its manifests skipped, others loaded"))
             continue
@@ -246,7 +255,7 @@ def _scan(directory: Path) -> tuple[list[_Entry], list[Problem]]:
             pending.append(path)
     entries.sort(key=lambda e: e.path.relative_to(directory).parts)
     problems.sort(key=lambda p: Path(p.obj.removeprefix("directory ")).parts)
-    return entries, problems
+    return entries, problems, tuple(unlisted)
 
 
 def _manifest_entry(path: Path, item: os.DirEntry) -> _Entry | None:
@@ -304,8 +313,14 @@ def _fingerprint(entries: list[_Entry], problems: list[Problem]) -> tuple:
 
 
 def _is_racy(entries: list[_Entry], scan_started_ns: int) -> bool:
-    """True when some file is so young that a later write might not change its mtime."""
-    return any(e.state is not None and e.state[0] >= scan_started_ns - RACY_WINDOW_NS for e in entries)
+    """True when some file is so young that a later write might not change its mtime.
+
+    Bounded on both sides: a file whose mtime is more than the window in the future (a clock
+    that was ahead, ``touch -d``, an archive) is not racy, since a write now gives it a new
+    mtime (the present) that differs from the one recorded; otherwise such a file would make
+    every poll re-read the whole directory until the clock catches up."""
+    low, high = scan_started_ns - RACY_WINDOW_NS, scan_started_ns + RACY_WINDOW_NS
+    return any(e.state is not None and low <= e.state[0] <= high for e in entries)
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -317,20 +332,32 @@ class _Memory:
 
     last_good: dict[Path, str] = field(default_factory=dict)  # file -> text of its last good version
     owners: dict[str, str] = field(default_factory=dict)      # "Service ns/name" -> origin programmed
+    objects: dict[Path, dict[str, str]] = field(default_factory=dict)  # file -> label -> last valid (JSON)
 
     def copy(self) -> _Memory:
-        return _Memory(dict(self.last_good), dict(self.owners))
+        return _Memory(dict(self.last_good), dict(self.owners),
+                       {path: dict(objs) for path, objs in self.objects.items()})
 
 
 def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tuple[int, int],
-           memory: _Memory | None) -> ClusterSnapshot:
+           memory: _Memory | None, unlisted: tuple[Path, ...] = ()) -> ClusterSnapshot:
     """Parse files into a snapshot. With ``memory`` (a watching source's), a file that stops
-    parsing keeps the documents it last parsed to, and duplicated names stay where they were."""
+    parsing keeps the documents it last parsed to, an object that becomes invalid keeps its last
+    valid version, the files under a directory that cannot be listed (``unlisted``) keep theirs,
+    and duplicated names stay where they were."""
     parsed = Parsed(problems=list(problems))
     if memory is not None:
         present = {e.path for e in entries}
+        hidden = [path for path in memory.last_good
+                  if path not in present and any(path.is_relative_to(d) for d in unlisted)]
+        entries = sorted(entries + [_Entry(path, None, Problem(f"file {path}", "in a directory that cannot "
+                                                               "be listed")) for path in hidden],
+                         key=lambda e: e.path.parts)
+        present.update(hidden)
         for gone in [path for path in memory.last_good if path not in present]:
             del memory.last_good[gone]
+        for gone in [path for path in memory.objects if path not in present]:
+            del memory.objects[gone]
     for entry in entries:
         if entry.problem is None:
             text, docs, problem = _read_documents(entry.path)
@@ -344,8 +371,11 @@ def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tupl
                 reason = problem.message.split("; ")[0]
                 problem = Problem(problem.obj, f"{reason}; keeping the {len(docs)} document(s) it last "
                                                "held until it is fixed")
-        for number, doc in enumerate(docs, start=1):
-            parse_document(parsed, doc, str(entry.path), f"document {number}", node_port_range)
+        if memory is None:
+            for number, doc in enumerate(docs, start=1):
+                parse_document(parsed, doc, str(entry.path), f"document {number}", node_port_range)
+        else:
+            _parse_remembering(parsed, docs, entry.path, node_port_range, memory)
         if problem:
             parsed.problems.append(problem)
     if memory is None:
@@ -354,6 +384,64 @@ def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tupl
     snapshot = join(parsed.services, parsed.records, parsed.problems, owners=memory.owners, won=won)
     memory.owners = won
     return snapshot
+
+
+def _units(docs: list[Any]) -> list[tuple[Any, str]]:
+    """The documents of a file and the items of its Lists, each with its position."""
+    units: list[tuple[Any, str]] = []
+    for number, doc in enumerate(docs, start=1):
+        position = f"document {number}"
+        kind = doc.get("kind") if isinstance(doc, dict) else None
+        if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
+            units.extend((item, f"{position} item {i}") for i, item in enumerate(doc["items"], start=1))
+        else:
+            units.append((doc, position))
+    return units
+
+
+def _parse_remembering(parsed: Parsed, docs: list[Any], path: Path, node_port_range: tuple[int, int],
+                       memory: _Memory) -> None:
+    """Parse one file's documents into ``parsed``; an object (kind namespace/name) that is
+    invalid now but was valid before keeps its last valid version, as the API server refuses an
+    invalid update and keeps the old object. Remembers every valid object of the file."""
+    origin = str(path)
+    before = memory.objects.get(path, {})
+    now: dict[str, str] = {}
+    results: list[tuple[str, Parsed, set[str]]] = []
+    for unit, position in _units(docs):
+        one = Parsed()
+        parse_document(one, unit, origin, position, node_port_range)
+        labels = {f"Service {s.key}" for s in one.services} | {r.label for r in one.records}
+        for label in labels:
+            if label not in now:
+                try:
+                    now[label] = json.dumps(unit, sort_keys=True, default=str)
+                except (TypeError, ValueError, RecursionError):
+                    pass                         # cannot be kept (a recursive YAML alias)
+        results.append((position, one, labels))
+    for position, one, labels in results:
+        invalid = one.problems[0].obj if one.problems and not labels else None
+        if invalid is not None and invalid not in now and invalid in before:
+            old = Parsed()
+            try:
+                parse_document(old, json.loads(before[invalid]), origin, position, node_port_range)
+            except ValueError:                   # a state file edited by hand
+                pass
+            if {f"Service {s.key}" for s in old.services} | {r.label for r in old.records} == {invalid}:
+                error = one.problems[0].message.removesuffix(f" ({origin})").rsplit("; ", 1)[0]
+                parsed.services.extend(old.services)
+                parsed.records.extend(old.records)
+                parsed.problems.append(Problem(invalid, f"invalid in {origin} ({position}): {error}; the "
+                                                      "previous valid version stays programmed until it is fixed"))
+                now[invalid] = before[invalid]
+                continue
+        parsed.services.extend(one.services)
+        parsed.records.extend(one.records)
+        parsed.problems.extend(one.problems)
+    if now:
+        memory.objects[path] = now
+    else:
+        memory.objects.pop(path, None)
 
 
 class _Skip(Exception):
@@ -475,7 +563,9 @@ def _yaml_reason(error: yaml.YAMLError) -> str:
 #
 # One JSON document: {"kind": STATE_KIND, "version": 1, "directory": "/abs/dir",
 #   "files": {"relative/path.yaml": "text of its last good version", ...},
-#   "owners": {"Service default/web": "relative/path.yaml", ...}}
+#   "owners": {"Service default/web": "relative/path.yaml", ...},
+#   "objects": {"relative/path.yaml": {"Service default/web": "JSON of its last valid version"}}}
+# ("objects" is optional: a state written before it existed reads as having none.)
 # Paths are relative to the directory, so a relative --manifests survives a change of cwd.
 
 
@@ -503,13 +593,19 @@ def _read_state(path: Path, directory: Path) -> tuple[_Memory | None, Problem | 
                                   f"{STATE_VERSION}); {ignored}")
     if state.get("directory") != str(directory.absolute()):
         return None, None                        # another --manifests: nothing to remember
-    files, owners = state.get("files"), state.get("owners")
+    files, owners, objects = state.get("files"), state.get("owners"), state.get("objects", {})
     if not (isinstance(files, dict) and isinstance(owners, dict)
             and all(isinstance(k, str) and isinstance(v, str) for d in (files, owners) for k, v in d.items())):
         return None, Problem(obj, f"corrupt (files and owners must map strings to strings); {ignored}")
+    if not (isinstance(objects, dict) and all(
+            isinstance(rel, str) and isinstance(objs, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in objs.items())
+            for rel, objs in objects.items())):
+        return None, Problem(obj, f"corrupt (objects must map files to objects to strings); {ignored}")
     return _Memory(
         last_good={directory / rel: text for rel, text in files.items()},
         owners={label: str(directory / rel) for label, rel in owners.items()},
+        objects={directory / rel: dict(objs) for rel, objs in objects.items()},
     ), None
 
 
@@ -521,6 +617,8 @@ def _write_state(path: Path, directory: Path, memory: _Memory) -> Problem | None
         "directory": str(directory.absolute()),
         "files": {_relative(p, directory): text for p, text in sorted(memory.last_good.items())},
         "owners": {label: _relative(Path(origin), directory) for label, origin in sorted(memory.owners.items())},
+        "objects": {_relative(p, directory): dict(sorted(objs.items()))
+                    for p, objs in sorted(memory.objects.items())},
     }
     data = json.dumps(state, indent=0, ensure_ascii=False).encode("utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
