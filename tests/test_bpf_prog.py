@@ -330,6 +330,44 @@ def test_leftover_reply_entry_does_not_hijack_a_direct_connection(datapath):
     assert verdict == TC_ACT_OK and out == direct
     assert global_stat(datapath, "stale_reply") == 1 and global_stat(datapath, "ct_evicted") == 0
     assert ct_entry(datapath, B1, CLIENT, 8080, 40032, direction="LB_CT_REPLY")[1] is None, "leftover removed"
+    # A late segment of the old flow puts the entry back: no eviction (the stale delete removed it).
+    run(datapath, frame(CLIENT, VIP, 40032, 80, "tcp", flags=TCP_ACK))
+    assert global_stat(datapath, "ct_evicted") == 0
+
+
+def test_a_late_fin_of_a_closed_flow_is_still_translated(datapath):
+    """FIN both ways, the closing lifetime passes, the backend retransmits its FIN: it is still
+    the flow's (the forward path keeps an expired TCP flow's backend too), so it reaches the
+    client from the VIP, not from the backend (which the client, in TIME_WAIT, would answer
+    with a RST). The entry is kept, and the client's final ACK counts no eviction."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 40036, 80, "tcp"))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40036, "tcp", flags=TCP_SYN | TCP_ACK))
+    run(datapath, frame(CLIENT, VIP, 40036, 80, "tcp", flags=TCP_FIN | TCP_ACK))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 40036, "tcp", flags=TCP_FIN | TCP_ACK))
+    key, fwd = ct_entry(datapath, CLIENT, VIP, 40036, 80)
+    assert closing(fwd)
+    closing_ns = shared.const("LB_CT_LIFETIME_CLOSING") * 1_000_000_000
+    set_fields(datapath, key, last_seen=fwd.last_seen - closing_ns - 1_000_000_000)
+    verdict, out = run_egress(datapath, frame(B1, CLIENT, 8080, 40036, "tcp", flags=TCP_FIN | TCP_ACK))
+    p = assert_checksums_valid(out)
+    assert verdict == TC_ACT_OK and (p[IP].src, p[TCP].sport) == (VIP, 80)
+    assert global_stat(datapath, "stale_reply") == 0 and global_stat(datapath, "revnat") == 3
+    assert ct_entry(datapath, B1, CLIENT, 8080, 40036, direction="LB_CT_REPLY")[1] is not None
+    run(datapath, frame(CLIENT, VIP, 40036, 80, "tcp", flags=TCP_ACK))
+    assert global_stat(datapath, "ct_evicted") == 0
+
+
+def test_a_late_udp_reply_of_an_expired_flow_passes_untouched(datapath):
+    """UDP: the forward path takes an expired flow as over (it chooses again); so does the
+    reply path."""
+    program(datapath, DNS)
+    run(datapath, frame(CLIENT, VIP, 40037, 53, "udp"))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 40037, 53, proto=17)
+    set_fields(datapath, key, last_seen=1)
+    reply = frame(B1, CLIENT, 5353, 40037, "udp")
+    assert run_egress(datapath, reply) == (TC_ACT_OK, reply)
+    assert global_stat(datapath, "stale_reply") == 1 and global_stat(datapath, "ct_evicted") == 0
 
 
 def test_reply_without_its_forward_entry_passes_untouched(datapath):

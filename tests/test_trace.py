@@ -245,3 +245,116 @@ def test_partial_pins_are_refused_and_nothing_is_pinned(loaded_datapath):
         for name in os.listdir(pin_dir):
             os.unlink(os.path.join(pin_dir, name))
         os.rmdir(pin_dir)
+
+
+# --- leftovers and errors --------------------------------------------------------------------------
+
+def dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_a_leftover_pin_dir_of_a_dead_trace_is_removed(tmp_path):
+    """A trace killed (SIGKILL) during its compile leaves its private pins; the next trace and
+    `lbctl cleanup` remove those whose process is gone, and nothing else."""
+    dead = tmp_path / f"lbctl-trace-{dead_pid()}-0a1b2c3d"
+    live = tmp_path / f"lbctl-trace-{os.getpid()}-0a1b2c3d"
+    other = tmp_path / "lbctl-trace-notes"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "lb4_ct").write_text("")
+    assert tr.remove_stale_pin_dirs(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and other.exists()
+    assert tr.pins_parent("/sys/fs/bpf/lbctl/") == "/sys/fs/bpf"
+
+
+def test_the_trace_build_must_be_pointed_at_its_pins():
+    assert tr._replace_pin_dir(['-DLB_PIN_DIR="/sys/fs/bpf/lbctl"', "-DX=1"], "/p") == ['-DLB_PIN_DIR="/p"', "-DX=1"]
+    with pytest.raises(ValueError, match="no LB_PIN_DIR"):
+        tr._replace_pin_dir(["-DX=1"], "/p")
+
+
+@pytest.mark.root
+def test_a_trace_starting_removes_leftovers_of_dead_traces(datapath):
+    program(datapath, WEB)
+    leftover = os.path.join(tr.pins_parent(TEST_PIN_DIR), f"lbctl-trace-{dead_pid()}-0a1b2c3d")
+    os.mkdir(leftover)
+    bpfsys.obj_pin(datapath.maps["lb4_ct"].fd, os.path.join(leftover, "lb4_ct"))
+    tr.trace(TEST_PIN_DIR, tr.Packet(CLIENT, 41020, VIP, 80, "tcp"))
+    assert not os.path.exists(leftover)
+
+
+@pytest.mark.root
+def test_os_errors_are_trace_errors(datapath, tracer, monkeypatch):
+    program(datapath, WEB)
+
+    def refuse(*_args):
+        raise PermissionError(13, "Permission denied")
+
+    with monkeypatch.context() as m:
+        m.setattr(tr, "prog_test_run", refuse)
+        with pytest.raises(tr.TraceError, match="running the trace build .ingress. failed: Permission denied"):
+            tracer.trace(tr.Packet(CLIENT, 41021, VIP, 80, "tcp"))
+    with monkeypatch.context() as m:
+        m.setattr(tr.os, "mkdir", refuse)
+        with pytest.raises(tr.TraceError, match="cannot pin the maps again under .*lbctl-trace-"):
+            tr.trace(TEST_PIN_DIR, tr.Packet(CLIENT, 41021, VIP, 80, "tcp"))
+    assert not [n for n in os.listdir(tr.pins_parent(TEST_PIN_DIR)) if n.startswith(f"lbctl-trace-{os.getpid()}-")]
+
+
+@pytest.mark.root
+def test_a_rst_to_a_rejecting_service_is_dropped_not_called_itp_local(datapath, tracer):
+    """No endpoints, reject: a RST is not answered with a RST, so the program drops it. The
+    trace says so from the program's own flag, not from the drop."""
+    program(datapath, {"default/empty:http": (f"{VIP}:80/TCP", [])})
+    t = agrees(datapath, tracer, tr.Packet(CLIENT, 41022, VIP, 80, "tcp", "R"))
+    assert t.decision == "drop" and "internalTrafficPolicy" not in t.reason and "RST" in t.reason
+    assert not t.steps[0].has("svc_drop")
+
+
+@pytest.mark.root
+def test_replies_of_an_expired_flow(datapath, tracer):
+    """A late FIN of a closed flow is translated; a SYN-ACK on the expired tuple is someone
+    else's (the pod's own connection): passed untouched."""
+    program(datapath, WEB)
+    run(datapath, frame(CLIENT, VIP, 41023, 80, "tcp"))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 41023, "tcp", flags=TCP_ACK))
+    run(datapath, frame(CLIENT, VIP, 41023, 80, "tcp", flags=TCP_FIN | TCP_ACK))
+    run_egress(datapath, frame(B1, CLIENT, 8080, 41023, "tcp", flags=TCP_FIN | TCP_ACK))
+    key, _ = ct_entry(datapath, CLIENT, VIP, 41023, 80)
+    set_fields(datapath, key, last_seen=1)
+    t = agrees(datapath, tracer, tr.Packet(B1, 8080, CLIENT, 41023, "tcp", "FA"))
+    assert t.decision == "revnat" and t.output.src == VIP
+    set_fields(datapath, key, last_seen=1)
+    t = agrees(datapath, tracer, tr.Packet(B1, 8080, CLIENT, 41023, "tcp", "SA"))
+    assert t.decision == "pass" and "expired" in t.reason and t.output.src == B1
+
+
+def test_sigterm_during_a_trace_unwinds_it(monkeypatch):
+    """SIGTERM (or SIGHUP) while tracing is an exception, so the trace's `finally` removes its
+    temporary pins; the handlers are restored afterwards."""
+    import argparse
+    import signal
+
+    from lbctl.cli import main
+
+    unwound = []
+
+    def fake_trace(pin_dir, packet):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100000):
+                pass
+        finally:
+            unwound.append(packet)
+        raise AssertionError("SIGTERM did not interrupt the trace")
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(tr, "trace", fake_trace)
+    args = argparse.Namespace(source="10.244.0.2:1", destination="10.96.0.10:80/tcp", tcp_flags="S",
+                              pin_dir="/nonexistent/lbctl", json=False)
+    with pytest.raises(SystemExit) as exc:
+        main.cmd_trace(args)
+    assert exc.value.code == 128 + signal.SIGTERM and unwound
+    assert signal.getsignal(signal.SIGTERM) == before

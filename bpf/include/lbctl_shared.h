@@ -84,13 +84,14 @@
 				       * unreachable), or dropped with LB_SVC_F_DROP */
 #define LB_STAT_CT_FULL 9             /* conntrack update failed */
 #define LB_STAT_NAT_FAILED 10         /* a rewrite helper failed: packet dropped */
-#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow (its forward entry expired
-				       * or names another backend): passed untouched, removed */
-#define LB_STAT_CT_EVICTED 12         /* one entry of a live flow found without the other (the
-				       * LRU evicted it): a reply entry without its forward entry
-				       * (the reply passed untouched, the entry removed), or a forward
-				       * entry without its reply entry (put back). Not 0: lb4_ct is
-				       * too small for the flows (README, "Sizing") */
+#define LB_STAT_STALE_REPLY 11        /* reply entry of a finished flow (its forward entry names
+				       * another backend, or expired and the reply is a SYN-ACK or
+				       * not TCP): passed untouched, removed */
+#define LB_STAT_CT_EVICTED 12         /* one entry of a live flow found without the other, which
+				       * only the LRU removes: a reply entry without its forward
+				       * entry (the reply passed untouched, the entry removed), or an
+				       * unexpired forward entry without its reply entry (put back).
+				       * Not 0: lb4_ct is too small for the flows (README, "Sizing") */
 #define LB_STAT_SVC_MIDFLOW_MISS 13   /* TCP segment without SYN to a service, no forward entry
 				       * (evicted, or a flow older than the maps): balanced as a new
 				       * flow, so a backend that never saw it answers with a RST */
@@ -180,11 +181,12 @@ struct lb_stats {
 #define LB_TRACE_F_SERVICE 0x0001       /* the destination is a frontend */
 #define LB_TRACE_F_CT_FOUND 0x0002      /* the flow has a forward entry */
 #define LB_TRACE_F_CT_CLOSING 0x0004    /* ... closed (RST, or FIN both ways) and this is a SYN */
-#define LB_TRACE_F_CT_EXPIRED 0x0008    /* ... expired, and this is a SYN or not TCP */
+#define LB_TRACE_F_CT_EXPIRED 0x0008    /* ... expired, and this is a SYN (or SYN-ACK) or not TCP */
 #define LB_TRACE_F_CT_BACKEND_GONE 0x0010 /* ... naming a backend deleted or changed since */
 #define LB_TRACE_F_AFFINITY 0x0020      /* the backend came from the client's affinity entry */
 #define LB_TRACE_F_HAIRPIN 0x0040       /* a pod reaching itself: sent back out of its own link */
 #define LB_TRACE_F_REPLY 0x0080         /* the packet matched a reply entry */
+#define LB_TRACE_F_SVC_DROP 0x0100      /* no endpoints, and the frontend says drop (LB_SVC_F_DROP) */
 
 struct lb4_trace_result {
 	__u32 stats;                  /* bit i set: the packet counted LB_STAT_i */

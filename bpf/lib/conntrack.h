@@ -115,21 +115,23 @@ static __always_inline void lb4_ct_reply_key(struct lb4_ct_key *reply, const str
  * backend's next answer would reach the client untranslated. Returns 1 if it was put back. */
 static __always_inline int lb4_ct_keep_reply(const struct lb4_packet *pkt,
 					     const struct lb4_nat_target *target,
-					     const struct lb4_ct_value *flow)
+					     __u32 service_id, __u64 now)
 {
 #ifndef LB_TRACE
 	struct lb4_ct_key reply = {};
 	struct lb4_ct_value value = {};
 
+	/* everything from `target`, the caller's copy: the shared forward entry may have been
+	 * replaced since, and a reply entry keyed to one backend must not carry another's id */
 	lb4_ct_reply_key(&reply, pkt, target);
 	if (lb4_ct.lookup(&reply))
 		return 0;
 	value.nat_address = pkt->daddr;
 	value.nat_port = pkt->dport;
-	value.flags = flow->flags;
-	value.backend_id = flow->backend_id;
-	value.service_id = flow->service_id;
-	value.last_seen = flow->last_seen;
+	value.flags = target->ct_flags;
+	value.backend_id = target->backend_id;
+	value.service_id = service_id;
+	value.last_seen = now;
 	return lb4_ct.insert(&reply, &value) == 0;
 #else
 	return 0;
@@ -153,7 +155,7 @@ static __always_inline int lb4_ct_create(const struct lb4_packet *pkt, struct lb
 	struct lb4_ct_key reply = {}, forward = {};
 	struct lb4_ct_value value = {};
 	struct lb4_ct_value *winner;
-	int err;
+	int err, reply_failed;
 
 	value.backend_id = target->backend_id;
 	value.service_id = service_id;
@@ -164,8 +166,7 @@ static __always_inline int lb4_ct_create(const struct lb4_packet *pkt, struct lb
 	lb4_ct_reply_key(&reply, pkt, target);
 	value.nat_address = pkt->daddr;
 	value.nat_port = pkt->dport;
-	if (lb4_ct.update(&reply, &value) < 0)
-		return -1;
+	reply_failed = lb4_ct.update(&reply, &value) < 0;
 
 	forward.saddr = pkt->saddr;
 	forward.daddr = pkt->daddr;
@@ -175,6 +176,17 @@ static __always_inline int lb4_ct_create(const struct lb4_packet *pkt, struct lb
 	forward.dir = LB_CT_FORWARD;
 	value.nat_address = target->address;
 	value.nat_port = target->port;
+	if (reply_failed) {
+		/* No forward entry without its reply entry; but another CPU may have created the
+		 * flow meanwhile, and then this packet goes where the winner's went. (A flow
+		 * choosing again has its old entry there: no winner to follow.) */
+		if (replace)
+			return -1;
+		winner = lb4_ct.lookup(&forward);
+		if (!winner)
+			return -1;
+		goto lost;
+	}
 	/* two statements: bcc rewrites map calls, not a conditional expression choosing one */
 	if (replace)
 		err = lb4_ct.update(&forward, &value);
@@ -186,6 +198,7 @@ static __always_inline int lb4_ct_create(const struct lb4_packet *pkt, struct lb
 	winner = lb4_ct.lookup(&forward);
 	if (!winner)   /* evicted or deleted in between: this packet's choice stands after all */
 		return lb4_ct.update(&forward, &value) < 0 ? -1 : LB_CT_CREATED;
+lost:
 	if (winner->nat_address != target->address || winner->nat_port != target->port)
 		lb4_ct.delete(&reply);
 	target->address = winner->nat_address;

@@ -123,7 +123,7 @@ static __always_inline int lb4_service_packet(struct __ctx_buff *ctx, const stru
 	struct lb4_ct_value *ct;
 	__u32 service_id = svc->service_id;
 	__u64 now = bpf_ktime_get_ns();
-	int new_flow = 0, created;
+	int new_flow = 0, created, expired;
 
 	LB_TRACE_FLAG(LB_TRACE_F_SERVICE);
 	LB_TRACE_SET(service_id, service_id);
@@ -138,8 +138,12 @@ static __always_inline int lb4_service_packet(struct __ctx_buff *ctx, const stru
 			target.port = ct->nat_port;
 			target.backend_id = ct->backend_id;
 			target.ct_flags = ct->flags;
+			/* An expired flow's reply entry may have been removed as stale (a SYN-ACK of
+			 * the pod's own connection on this tuple, lb4_reply_packet): putting it back is
+			 * no eviction. */
+			expired = lb4_ct_expired(ct, pkt->proto, now);
 			if (lb4_ct_touch(ct, pkt, now, LB_CT_FORWARD) &&
-			    lb4_ct_keep_reply(pkt, &target, ct))
+			    lb4_ct_keep_reply(pkt, &target, service_id, now) && !expired)
 				lb_count(LB_STAT_CT_EVICTED);
 			lb_count(LB_STAT_SVC_CT_HIT);
 		} else {
@@ -152,8 +156,10 @@ static __always_inline int lb4_service_packet(struct __ctx_buff *ctx, const stru
 		if (svc->count == 0) {
 			lb_count(LB_STAT_NO_BACKEND);
 			lb_account(service_id, 0, ctx_len(ctx), 0);
-			if (svc->flags & LB_SVC_F_DROP)
+			if (svc->flags & LB_SVC_F_DROP) {
+				LB_TRACE_FLAG(LB_TRACE_F_SVC_DROP);
 				return CTX_ACT_DROP;
+			}
 			return lb4_reject(ctx, pkt);
 		}
 		if (svc->flags & LB_SVC_F_AFFINITY)
@@ -185,10 +191,15 @@ static __always_inline int lb4_service_packet(struct __ctx_buff *ctx, const stru
 }
 
 /* A packet matching a reply entry is translated only while its flow lives: the forward entry
- * must still exist, name the same backend and not have expired. Otherwise the reply entry is
- * removed and the packet passed untouched: its forward entry was evicted by the LRU
- * (LB_STAT_CT_EVICTED), or it outlived its flow (LB_STAT_STALE_REPLY) and this packet belongs
- * to something else, say the same client port now talking to the pod directly. */
+ * must still exist and name the same backend. Otherwise the reply entry is removed and the
+ * packet passed untouched: its forward entry was evicted by the LRU (LB_STAT_CT_EVICTED), or
+ * the flow chose another backend since (LB_STAT_STALE_REPLY).
+ * An expired flow is judged as the forward path judges it (lb4_ct_backend): a TCP segment
+ * without SYN still belongs to it (a FIN retransmitted after both FINs and the closing
+ * lifetime, a backend speaking after hours of silence) and is translated, which keeps the flow
+ * alive; a SYN-ACK, or a UDP datagram, of an expired flow belongs to something else, say the
+ * same client port now talking to the pod directly: passed untouched, the entry removed
+ * (LB_STAT_STALE_REPLY). */
 static __always_inline int lb4_reply_packet(struct __ctx_buff *ctx, const struct lb4_packet *pkt,
 					    struct lb4_ct_key *reply, const struct lb4_ct_value *ct)
 {
@@ -207,9 +218,16 @@ static __always_inline int lb4_reply_packet(struct __ctx_buff *ctx, const struct
 	LB_TRACE_SET(service_id, ct->service_id);
 	LB_TRACE_SET(backend_id, ct->backend_id);
 	flow = lb4_ct.lookup(&key);
-	if (!flow || flow->backend_id != ct->backend_id || lb4_ct_expired(flow, pkt->proto, now)) {
+	if (!flow || flow->backend_id != ct->backend_id) {
 		lb4_ct_delete(reply);
 		lb_count(flow ? LB_STAT_STALE_REPLY : LB_STAT_CT_EVICTED);
+		return CTX_ACT_OK;
+	}
+	if ((pkt->proto != IPPROTO_TCP || (pkt->tcp_flags & LB_TCP_SYN)) &&
+	    lb4_ct_expired(flow, pkt->proto, now)) {
+		LB_TRACE_FLAG(LB_TRACE_F_CT_EXPIRED);
+		lb4_ct_delete(reply);
+		lb_count(LB_STAT_STALE_REPLY);
 		return CTX_ACT_OK;
 	}
 	lb4_ct_touch(flow, pkt, now, LB_CT_REPLY);

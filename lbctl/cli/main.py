@@ -138,11 +138,23 @@ def cmd_trace(args) -> int:
     except ValueError as exc:
         print(f"lbctl trace: {exc}", file=sys.stderr)
         return 2
+    def _terminated(signum, _frame):
+        # an exception, so that the trace removes its temporary pins on the way out
+        raise SystemExit(128 + signum)
+
+    handlers = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = trace.trace(args.pin_dir, trace.Packet(src, sport, dst, dport, proto, flags))
     except trace.TraceError as exc:
         print(f"lbctl trace: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:
+        print(f"lbctl trace: {exc.strerror or exc}"
+              f"{f': {exc.filename}' if exc.filename else ''} (run as root?)", file=sys.stderr)
+        return 1
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -159,7 +171,7 @@ def cmd_cleanup(args) -> int:
     be left half served): that needs --force. The lock is held meanwhile, so no agent starts."""
     from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
     from lbctl.datapath.base import MODES, cleanup_mode
-    from lbctl.datapath.ebpf import dump
+    from lbctl.datapath.ebpf import dump, trace
     from lbctl.lab import cluster as lab
 
     lock = AgentLock(args.pin_dir, "lbctl cleanup")
@@ -190,6 +202,8 @@ def cmd_cleanup(args) -> int:
                 removed += cleanup_mode(name, args.pin_dir)
             except Exception as exc:
                 failed.append(f"{name} mode: {exc}")
+        for leftover in trace.remove_stale_pin_dirs(trace.pins_parent(args.pin_dir)):
+            removed.append(f"leftover pins of a killed `lbctl trace` {leftover}")
         source_state = dump.source_state_file(args.pin_dir)
         if os.path.exists(source_state):
             os.unlink(source_state)

@@ -8,7 +8,6 @@
 #define LBCTL_CTX_SKB_H
 
 #define __ctx_buff __sk_buff
-#define LB_CTX_SKB 1
 
 #define CTX_ACT_OK TC_ACT_OK            /* on to the stack (or the wire) */
 #define CTX_ACT_DROP TC_ACT_SHOT

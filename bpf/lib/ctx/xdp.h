@@ -2,15 +2,17 @@
  * ctx/skb.h (after Cilium's bpf/include/bpf/ctx/xdp.h), so that the parser, the rewrites and
  * the rejects in lib/ serve both hooks.
  *
- * XDP has no skb helpers: writes and checksum updates are direct, on bounds-checked pointers;
- * there is no partial checksum to keep up (XDP sees frames before the stack computes any). */
+ * XDP has no skb helpers: writes and checksum updates are direct, on bounds-checked pointers,
+ * and treat the checksum fields as complete. That holds at NIC ingress (received frames carry
+ * full checksums). Native XDP on a veth may see a frame its peer sent with CHECKSUM_PARTIAL
+ * (the L4 field holding only the pseudo-header sum, to be finished later) and no skb state to
+ * say so: the updates here would be wrong for it. Pods' veths are the tc program's. */
 #ifndef LBCTL_CTX_XDP_H
 #define LBCTL_CTX_XDP_H
 
 #include "lib/csum.h"
 
 #define __ctx_buff xdp_md
-#define LB_CTX_XDP 1
 
 #define CTX_ACT_OK XDP_PASS
 #define CTX_ACT_DROP XDP_DROP

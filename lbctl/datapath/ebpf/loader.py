@@ -145,8 +145,8 @@ class EbpfDatapath:
     def __init__(self, cfg: DatapathConfig = DatapathConfig()):
         self.cfg = cfg
         self.bpf: Any = None       # bcc.BPF once loaded
-        self.prog_fd = -1          # ingress program (the one BPF_PROG_TEST_RUN tests drive)
-        self.egress_fd = -1
+        self.prog_fd = -1          # ingress program (balances requests)
+        self.egress_fd = -1        # egress program (translates replies)
         self.maps: dict[str, BpfMap] = {}
 
     def load(self) -> EbpfDatapath:
@@ -243,8 +243,11 @@ def is_attached(ipr, index: int, tc_name: str = TC_NAME) -> bool:
 
 def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME) -> list[str]:
     """Attaches (or atomically replaces) our filter at clsact ingress and egress of one link.
-    Ingress sees requests from the pod and replies of local backends; egress sees replies that
-    reach the pod from elsewhere (a backend on another node, via the uplink).
+    Ingress sees what the pod sends: requests to services are balanced there (and a pod's
+    answers to itself, hairpin, are sent straight back); a local backend's reply passes it
+    untouched, so netfilter and routing see backend -> client. Egress sees what reaches the pod:
+    replies of its flows are translated back to the VIP there, whether the backend is local or
+    on another node (via the uplink).
 
     A foreign filter at TC_PRIO (another tool's) would make the kernel refuse ours (EINVAL:
     one pref holds filters of one kind): ours then takes a free pref next to it

@@ -22,11 +22,10 @@ def search_path() -> list[Path]:
     return [shared.BPF_DIR, shared.BPF_DIR / "include"]
 
 
-def program_text(path: Path, defines: dict[str, str] | None = None) -> bytes:
-    """The program at `path` with every lbctl header it includes inlined, once each; `defines`
-    are prepended as #define lines (for what must be set before any header is read)."""
+def program_text(path: Path) -> bytes:
+    """The program at `path` with every lbctl header it includes inlined, once each."""
     seen: set[Path] = set()
-    out = [f"#define {name} {value}" for name, value in (defines or {}).items()]
+    out: list[str] = []
 
     def inline(file: Path) -> None:
         seen.add(file)

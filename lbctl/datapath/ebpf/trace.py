@@ -14,12 +14,16 @@ as well: that is where replies are translated, on their way into the client's po
 The maps are reached through pins of our own: bcc's BPF_TABLE_PINNED reuses a pin when it
 exists and creates (and pins) a map when not, so the trace build is pointed at a private
 directory holding new pins of the very maps found under the pin dir, removed when done. Nothing
-is ever created under the pin dir, even if the agent's pins vanish meanwhile.
+is ever created under the pin dir, even if the agent's pins vanish meanwhile. A trace killed
+before it removed them (SIGKILL; `lbctl trace` turns SIGTERM and SIGHUP into an exception)
+leaves ``lbctl-trace-<pid>-*``: the next trace, and `lbctl cleanup`, remove those of dead pids
+(remove_stale_pin_dirs).
 """
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import struct
 from dataclasses import asdict, dataclass, field
@@ -236,12 +240,7 @@ class Tracer:
                 raise TraceError(f"pinned map {self.pin_dir}/{name} has type/key/value/entries "
                                  f"{'/'.join(map(str, have))}, this lbctl's program wants "
                                  f"{'/'.join(map(str, want))}: the maps come from another lbctl version")
-        # Pins of our own, next to the pin dir (same bpffs; it refuses names starting with a dot).
-        parent = os.path.dirname(os.path.abspath(self.pin_dir).rstrip("/"))
-        self.private_dir = os.path.join(parent, f"lbctl-trace-{os.getpid()}-{os.urandom(4).hex()}")
-        os.mkdir(self.private_dir, 0o700)
-        for name, fd in self.fds.items():
-            obj_pin(fd, os.path.join(self.private_dir, name))
+        # Everything that can fail before the pins of our own exist.
         try:
             from bcc import BPF
         except ImportError as exc:
@@ -250,6 +249,19 @@ class Tracer:
             loader.check_kernel_headers()
         except DatapathError as exc:
             raise TraceError(str(exc)) from exc
+        # Pins of our own, next to the pin dir (same bpffs; it refuses names starting with a dot).
+        parent = pins_parent(self.pin_dir)
+        remove_stale_pin_dirs(parent)
+        private_dir = os.path.join(parent, f"{PRIVATE_PREFIX}{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            os.mkdir(private_dir, 0o700)
+            self.private_dir = private_dir
+            for name, fd in self.fds.items():
+                obj_pin(fd, os.path.join(self.private_dir, name))
+        except OSError as exc:
+            raise TraceError(f"cannot pin the maps again under {private_dir}: {exc.strerror or exc} "
+                             f"(the trace pins them next to --pin-dir, which must be a directory "
+                             f"below a bpffs mount such as /sys/fs/bpf/lbctl)") from exc
         src = shared.BPF_DIR / "prog" / "lbctl_tc.c"
         flags = [f for f in _replace_pin_dir(cfg.cflags(), self.private_dir)] + ["-DLB_TRACE"]
         try:
@@ -278,7 +290,10 @@ class Tracer:
 
     def _run(self, hook: str, data: bytes) -> tuple[Step, bytes]:
         fd = self.ingress_fd if hook == "ingress" else self.egress_fd
-        res = prog_test_run(fd, data)
+        try:
+            res = prog_test_run(fd, data)
+        except OSError as exc:
+            raise TraceError(f"running the trace build ({hook}) failed: {exc.strerror or exc}") from exc
         table = self.bpf[b"lb_trace"]
         r = shared.view("lb4_trace_result", bytes(table[table.Key(0)]))
         names = shared.stat_names()
@@ -301,7 +316,56 @@ class Tracer:
 
 
 def _replace_pin_dir(cflags: list[str], pin_dir: str) -> list[str]:
-    return [f'-DLB_PIN_DIR="{pin_dir}"' if f.startswith("-DLB_PIN_DIR=") else f for f in cflags]
+    """cflags with LB_PIN_DIR set to `pin_dir`; ValueError if they did not set it (the trace
+    build would then open, or create, maps under the default pin dir)."""
+    ours = f'-DLB_PIN_DIR="{pin_dir}"'
+    out = [ours if f.startswith("-DLB_PIN_DIR=") else f for f in cflags]
+    if ours not in out:
+        raise ValueError(f"the datapath's cflags set no LB_PIN_DIR: {cflags}")
+    return out
+
+
+PRIVATE_PREFIX = "lbctl-trace-"
+_PRIVATE_NAME = re.compile(rf"^{PRIVATE_PREFIX}(\d+)-[0-9a-f]+$")
+
+
+def pins_parent(pin_dir: str) -> str:
+    """Where a trace of the maps under `pin_dir` pins them again."""
+    return os.path.dirname(os.path.abspath(pin_dir).rstrip("/"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_pin_dirs(parent: str) -> list[str]:
+    """Removes the private pin dirs (``lbctl-trace-<pid>-<hex>``) under `parent` whose trace
+    process is gone, as a SIGKILL leaves them; returns their paths. A dir that cannot be
+    removed is left (the next call tries again)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return removed
+    for name in sorted(names):
+        match = _PRIVATE_NAME.match(name)
+        if not match or _pid_alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            for pin in os.listdir(path):
+                os.unlink(os.path.join(path, pin))
+            os.rmdir(path)
+        except OSError:
+            continue
+        removed.append(path)
+    return removed
 
 
 def trace(pin_dir: str, packet: Packet) -> Trace:
@@ -367,11 +431,15 @@ def _explain_service(pin_dir: str, t: Trace, step: Step) -> None:
     if step.has("no_backend"):
         if step.verdict == "drop":
             t.backend = None
-            if step.count:
-                t.decision, t.reason = "drop", f"slot {step.slot} names no backend (a service half made?)"
-            else:
+            if step.has("svc_drop"):
                 t.decision, t.reason = "drop", ("no endpoints and the frontend says drop "
                                                 "(internalTrafficPolicy Local without a local endpoint)")
+            elif step.count:
+                t.decision, t.reason = "drop", f"slot {step.slot} names no backend (a service half made?)"
+            else:
+                t.decision, t.reason = "drop", ("no endpoints, and this packet gets no reject either "
+                                                "(a RST is not answered, nor a packet with IP options "
+                                                "or one the reject could not be built for): dropped")
         elif t.output is not None and t.output.proto == "icmp":
             t.decision, t.reason = "reject_icmp", "no endpoints: ICMP port unreachable back to the client"
         else:
@@ -403,9 +471,10 @@ def _explain_reply(pin_dir: str, t: Trace, step: Step) -> None:
         source_ = f"{t.output.src}:{t.output.sport}" if t.output else "the service address"
         t.decision, t.reason = "revnat", f"reply of a tracked flow: source rewritten to {source_} {where}"
     elif step.has("stale_reply"):
-        t.decision, t.reason = "pass", ("a leftover reply entry of a finished flow (its forward entry "
-                                        "expired or names another backend): passed untouched; the "
-                                        "datapath removes the entry")
+        why = ("expired, and this is a SYN-ACK or not TCP" if step.has("ct_expired")
+               else "names another backend")
+        t.decision, t.reason = "pass", (f"a leftover reply entry of a finished flow (its forward entry "
+                                        f"{why}): passed untouched; the datapath removes the entry")
     elif step.has("ct_evicted"):
         t.decision, t.reason = "pass", ("a reply entry whose flow's forward entry is gone (evicted by "
                                         "the LRU: lb4_ct too small?): passed untouched; the datapath "
