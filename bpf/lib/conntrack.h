@@ -146,7 +146,9 @@ static __always_inline int lb4_ct_keep_reply(const struct lb4_packet *pkt,
  * lands first wins. The other CPU gets LB_CT_LOST_RACE, with `target` set to the winner's
  * backend (where its packet must go too); it removes its own reply entry, unless that names the
  * same backend and so is the winner's as well. A flow choosing again (`replace`: its backend
- * left, a SYN on a closed tuple, an expired entry) overwrites its entry.
+ * left, a SYN on a closed tuple, an expired entry) overwrites its entry (BPF_ANY): not settled
+ * yet, two CPUs choosing again at once for one flow leave the last writer's choice, the other
+ * packet having gone to its own.
  * Returns LB_CT_CREATED, LB_CT_LOST_RACE, or -1 (the table refused the entry). */
 static __always_inline int lb4_ct_create(const struct lb4_packet *pkt, struct lb4_nat_target *target,
 					 __u32 service_id, __u64 now, int replace)
