@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
 from scapy.layers.l2 import Ether
+from test_bpf_prog import assert_checksums_valid
 
 from lbctl.datapath.ebpf import bpfsys, shared, source
 from lbctl.datapath.ebpf.packets import TCP_SYN, frame
@@ -74,26 +75,11 @@ def xdp(tmp_path_factory):
         b.cleanup()
 
 
-def checked(data: bytes) -> Ether:
-    """The frame, with its IP and L4 checksums recomputed by scapy and compared."""
-    pkt = Ether(data)
-    ip = pkt[IP]
-    fresh = IP(bytes(ip))
-    del fresh.chksum
-    assert IP(bytes(fresh)).chksum == ip.chksum, "IP header checksum"
-    for layer in (TCP, UDP, ICMP):
-        if layer in ip and not (layer is UDP and ip[UDP].chksum == 0):
-            copy = IP(bytes(ip))
-            del copy[layer].chksum
-            assert IP(bytes(copy))[layer].chksum == ip[layer].chksum, f"{layer.__name__} checksum"
-    return pkt
-
-
 @pytest.mark.parametrize("proto", ["tcp", "udp"])
 def test_xdp_rewrites_through_the_shared_library(xdp, proto):
     res = bpfsys.prog_test_run(xdp, frame(CLIENT, VIP, 40000, 80, proto, payload=b"hello"))
     assert res.retval == XDP_PASS
-    p = checked(res.data)
+    p = assert_checksums_valid(res.data)
     l4 = p[TCP] if proto == "tcp" else p[UDP]
     assert (p[IP].src, p[IP].dst, l4.sport, l4.dport) == (CLIENT, B1, 40000, 8080)
     assert bytes(l4.payload) == b"hello"
@@ -101,23 +87,23 @@ def test_xdp_rewrites_through_the_shared_library(xdp, proto):
 
 def test_xdp_keeps_a_zero_udp_checksum_and_reads_ip_options(xdp):
     res = bpfsys.prog_test_run(xdp, frame(CLIENT, VIP, 40001, 53, "udp", udp_checksum=False))
-    p = checked(res.data)
+    p = assert_checksums_valid(res.data)
     assert p[IP].dst == B1 and p[UDP].chksum == 0
     with_options = Ether() / IP(src=CLIENT, dst=VIP, options=[IPOption_RR(routers=["1.2.3.4"])]) / TCP(sport=1, dport=80)
-    p = checked(bpfsys.prog_test_run(xdp, bytes(with_options)).data)
+    p = assert_checksums_valid(bpfsys.prog_test_run(xdp, bytes(with_options)).data)
     assert p[IP].ihl > 5 and (p[IP].dst, p[TCP].dport) == (B1, 8080)
 
 
 def test_xdp_rejects_through_the_shared_library(xdp):
     syn = frame(CLIENT, VIP, 40002, 9, "tcp", flags=TCP_SYN, seq=5000)
     res = bpfsys.prog_test_run(xdp, syn)
-    p = checked(res.data)
+    p = assert_checksums_valid(res.data)
     assert res.retval == XDP_TX
     assert (p[IP].src, p[IP].dst, p[TCP].sport, p[TCP].dport) == (VIP, CLIENT, 9, 40002)
     assert p[TCP].flags == "RA" and p[TCP].ack == 5001 and len(res.data) == 14 + 20 + 20
     datagram = frame(CLIENT, VIP, 40003, 9, "udp", payload=b"query")
     res = bpfsys.prog_test_run(xdp, datagram)
-    p = checked(res.data)
+    p = assert_checksums_valid(res.data)
     assert res.retval == XDP_TX and (p[ICMP].type, p[ICMP].code) == (3, 3)
     assert (p[IP].src, p[IP].dst) == (VIP, CLIENT) and bytes(p[ICMP].payload) == datagram[14:14 + 28]
 
