@@ -302,13 +302,23 @@ class UdpFlow:
     ("udp", f"{DNS_VIP}:53", DNS, 600),
 ], ids=["tcp-web", "udp-dns"])
 def test_every_backend_answers_evenly(cluster, proto, target, pods, count):
-    """Each new connection picks a ready endpoint uniformly: all answer, chi-square passes."""
-    report = request_spread(client_ns(cluster.state), proto, target, count, concurrency=32)
-    assert no_errors(report), report
-    assert set(report["answers"]) == pods
-    counts = [report["answers"][p] for p in sorted(pods)]
-    assert sum(counts) == count
-    assert chisquare(counts).pvalue > 0.001, counts
+    """Each new connection picks a ready endpoint uniformly: all answer, chi-square passes.
+
+    Sequential: a sample with p <= 0.001 is followed by a second, independent one, which must
+    pass. A fair datapath then fails one run in a million instead of one in a thousand per
+    scenario (six here); a biased one still fails both. (Seen once in CI: the iptables and
+    nftables samples of one run both at p = 0.0009, never again in the following runs.)"""
+    samples = []
+    for _ in range(2):
+        report = request_spread(client_ns(cluster.state), proto, target, count, concurrency=32)
+        assert no_errors(report), report
+        assert set(report["answers"]) == pods
+        counts = [report["answers"][p] for p in sorted(pods)]
+        assert sum(counts) == count
+        samples.append(counts)
+        if chisquare(counts).pvalue > 0.001:
+            return
+    raise AssertionError(f"not uniform in two independent samples: {samples}")
 
 
 @modes()
