@@ -122,6 +122,7 @@ def test_resync_every_sync_period():
     clock.now = 30.0
     agent.turn()
     assert mode.calls == ["sync", "resync"] and agent.resyncs == 1
+    assert agent.syncs == 1, "a resync is no sync of a change (what tests and callers wait for)"
     clock.now = 59.0
     agent.turn()
     clock.now = 60.0

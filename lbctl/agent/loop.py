@@ -90,7 +90,10 @@ class Agent:
         return self._done(result, started, quiet=True)
 
     def _done(self, result: SyncResult, started: float, quiet: bool = False) -> SyncResult:
-        self.syncs += 1
+        """After a sync of a snapshot, a retry, or (quiet) a resync: `syncs` counts the first two
+        (what a change waits for), `resyncs` the last."""
+        if not quiet:
+            self.syncs += 1
         for error in result.errors:
             log.error("sync: %s", error)
         if getattr(self.mode, "needs_retry", False):
