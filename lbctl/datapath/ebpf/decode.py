@@ -43,3 +43,30 @@ def address(raw: bytes) -> str:
 
 def port(raw: int) -> int:
     return socket.ntohs(raw)
+
+
+def services(items, affinity_flag: int) -> tuple[dict[tuple, tuple[int, int, int, int]],
+                                                 dict[tuple, dict[int, int]], list[bytes]]:
+    """One walk of lb4_services, for the reconciler's restore and `lbctl dump maps` alike.
+
+    Returns frontends ``{(address, dport, proto): (service_id, count, affinity_timeout, flags)}``,
+    their slots ``{(address, dport, proto): {slot: backend_id}}`` (keyed by the raw key fields:
+    cheaper to hash than a Frontend) and the keys of a protocol lbctl never programs."""
+    frontends: dict[tuple, tuple[int, int, int, int]] = {}
+    slots: dict[tuple, dict[int, int]] = {}
+    junk: list[bytes] = []
+    for key, value in items:
+        addr, dport, slot, proto = service_key(key)
+        if proto not in PROTOCOLS:
+            junk.append(key)
+            continue
+        backend_id, count, flags, service_id = service_value(value)
+        raw = (addr, dport, proto)
+        if slot == 0:
+            # the union's first word: the affinity timeout in a frontend
+            frontends[raw] = (service_id, count, backend_id if flags & affinity_flag else 0, flags)
+        elif raw in slots:
+            slots[raw][slot] = backend_id
+        else:
+            slots[raw] = {slot: backend_id}
+    return frontends, slots, junk

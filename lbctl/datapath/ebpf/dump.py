@@ -129,23 +129,14 @@ def collect(pin_dir: str) -> dict:
         for key, value in be_map.items():
             address, port, proto, _ = decode.backend(value)
             backends[decode.u32(key)[0]] = _endpoint(address, port, proto)
-        rows: dict[tuple, ServiceRow] = {}
-        slots: dict[tuple, list[tuple[int, int]]] = {}
-        for key, value in svc_map.items():
-            address, dport, slot, proto = decode.service_key(key)
-            backend_id, count, flags, service_id = decode.service_value(value)
-            frontend = (address, dport, proto)
-            if slot == 0:
-                # the union's first word is the affinity timeout in a frontend
-                rows[frontend] = ServiceRow(service_id, names.get(service_id, ""),
-                                            _endpoint(address, dport, proto), count,
-                                            backend_id if flags & affinity_flag else 0,
-                                            bool(flags & drop_flag))
-            else:
-                slots.setdefault(frontend, []).append((slot, backend_id))
-        for frontend, row in rows.items():
-            row.backends = [BackendRow(slot, backend_id, backends.get(backend_id, "?"))
-                            for slot, backend_id in sorted(slots.get(frontend, ())) if slot <= row.count]
+        frontends, slots, _ = decode.services(svc_map.items(), affinity_flag)
+        rows = {raw: ServiceRow(service_id, names.get(service_id, ""), _endpoint(*raw), count,
+                                affinity, bool(flags & drop_flag))
+                for raw, (service_id, count, affinity, flags) in frontends.items()}
+        for raw, row in rows.items():
+            have = slots.get(raw, {})
+            row.backends = [BackendRow(slot, have[slot], backends.get(have[slot], "?"))
+                            for slot in sorted(have) if slot <= row.count]
         service_stats = _stats_of(svc_stats, {row.id for row in rows.values()})
         backend_stats = _stats_of(be_stats, {b.id for row in rows.values() for b in row.backends})
         for row in rows.values():

@@ -121,23 +121,8 @@ class Reconciler:
             backend = Backend(decode.address(address), decode.port(port), decode.PROTOCOLS[proto])
             self.backend_ids[backend] = backend_id
             self.backend_flags[backend_id] = flags
-        # keyed by the raw (address, port, proto) of the key: cheaper to hash than a Frontend
-        frontends: dict[tuple, tuple[int, int, int, int]] = {}
-        slots: dict[tuple, dict[int, int]] = {}
-        for key, value in self.maps[SERVICES].items():
-            address, dport, slot, proto = decode.service_key(key)
-            if proto not in decode.PROTOCOLS:
-                self._junk_keys.append(key)
-                continue
-            backend_id, count, flags, service_id = decode.service_value(value)
-            raw = (address, dport, proto)
-            if slot == 0:
-                # the union's first word: the affinity timeout in a frontend
-                frontends[raw] = (service_id, count, backend_id if flags & F_AFFINITY else 0, flags)
-            elif raw in slots:
-                slots[raw][slot] = backend_id
-            else:
-                slots[raw] = {slot: backend_id}
+        frontends, slots, junk = decode.services(self.maps[SERVICES].items(), F_AFFINITY)
+        self._junk_keys.extend(junk)
         no_slots: dict[int, int] = {}
         for raw, (service_id, count, affinity, flags) in frontends.items():
             fe = _frontend(*raw)
