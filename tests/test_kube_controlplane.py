@@ -3,6 +3,7 @@ slices for kwok-style pods, readiness flips reach the slices, and stop leaves no
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from pathlib import Path
@@ -152,3 +153,62 @@ def test_restart_compaction_and_stop_leave_no_process_port_or_file(tmp_path):
     assert not any(listening(p) for p in ports)
     assert not (tmp_path / "cp").exists()
     other.stop()   # idempotent
+
+
+HAND_MADE = """
+apiVersion: v1
+kind: Service
+metadata: {name: web-by-hand, namespace: default}
+spec:
+  selector: {app: web}
+  ports:
+  - {port: 8081, targetPort: 8080, protocol: TCP}
+"""
+
+
+@pytest.mark.root
+@pytest.mark.kube
+def test_lab_up_kubernetes_registers_the_lab_and_lab_down_stops_it(tmp_path):
+    """`lbctl lab up --kubernetes`: the lab's node, pods and services are in the API server and
+    the real controller made the slices; a Service made with kubectl gets the lab's pods; lab
+    down from another process leaves no control-plane process, port or file."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from lbctl.lab import cluster as lab
+
+    third = 180 + os.getpid() % 20            # 10.244.180-199: test_lab uses 100-179
+    spec = dataclasses.replace(lab.default_spec(f"lbk{os.getpid() % 100000}"), kubernetes=True,
+                               pod_cidr=f"10.244.{third}.0/24", gateway=f"10.244.{third}.1")
+    try:
+        state = lab.lab_up(spec, tmp_path)
+        assert state.made.kube_dir
+        cp = kube.ControlPlane.attach(Path(state.made.kube_dir))
+        pids = dict(cp.state.pids)
+        for svc in spec.services:
+            want = {pod: {"ip": state.pods[pod].ip, "ready": True, "node": lab.NODE_NAME,
+                          "ports": sorted({p.target_port for p in svc.ports})} for pod in svc.backends}
+            got = {name: {**ep, "ports": sorted(set(ep["ports"]))}
+                   for name, ep in slice_endpoints(cp, svc.namespace, svc.name).items()}
+            assert got == want
+        nodes = json.loads(cp.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        assert [(n["metadata"]["name"], n["status"]["addresses"][0]["address"]) for n in nodes] == [
+            (lab.NODE_NAME, spec.gateway)]
+
+        cp.kubectl("apply", "-f", "-", input=HAND_MADE)
+        web = {pod: state.pods[pod].ip for pod in ("web-0", "web-1", "web-2")}
+        wait_for(lambda: True if {n: e["ip"] for n, e in slice_endpoints(cp, "default", "web-by-hand").items()}
+                 == web else None, "slice of the kubectl-made service")
+
+        subprocess.run([sys.executable, "-c", "import sys; from lbctl.lab.cluster import lab_down; "
+                        "sys.exit(0 if lab_down(sys.argv[1]) else 3)", spec.prefix],
+                       check=True, timeout=120, env=netns.python_env())
+        for pid in pids.values():
+            netns.reap(pid)                   # our children: collect the zombies
+        assert not any(netns.pid_alive(pid) for pid in pids.values())
+        assert not any(listening(p) for p in (cp.state.etcd_port, cp.state.apiserver_port))
+        assert not Path(state.made.kube_dir).exists()
+        assert not lab.state_path(spec.prefix).exists()
+    finally:
+        lab.lab_down(spec.prefix)

@@ -41,12 +41,12 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import yaml
 
-from lbctl.lab import netns
+from lbctl.lab import kube, netns
 from lbctl.lab.client import Outcome, tcp_request, udp_request
 
 RUN_DIR = Path("/run/lbctl")
@@ -104,6 +104,7 @@ class LabSpec:
     clients: tuple[str, ...] = ("client-0", "client-1")
     services: tuple[ServiceSpec, ...] = DEFAULT_SERVICES
     server_max_seconds: float = 3600.0   # backends exit by themselves after this long
+    kubernetes: bool = False             # a real control plane too (lbctl.lab.kube)
 
     def pod_names(self) -> list[str]:
         """Clients first, then every backend once, in service order: the order of pod IPs."""
@@ -178,6 +179,7 @@ class Made:
     namespaces: list[str] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
     servers: dict[str, int] = field(default_factory=dict)   # pod -> labserver pid
+    kube_dir: str | None = None            # the control plane's work dir (lbctl.lab.kube)
 
 
 @dataclass
@@ -353,6 +355,11 @@ def build(state: LabState) -> None:
         state.save()
         path.write_text(yaml.safe_dump(manifest, sort_keys=False))
 
+    if spec.kubernetes:
+        made.kube_dir = str(work_dir(spec.prefix) / "kube")
+        state.save()
+        kube.lab_up(state, Path(made.kube_dir))
+
 
 def server_log(state: LabState, pod: str) -> Path:
     return work_dir(state.prefix) / "logs" / f"{pod}.log"
@@ -471,9 +478,11 @@ def teardown(state: LabState) -> None:
     def attempt(what: str, undo, *args) -> None:
         try:
             undo(*args)
-        except (OSError, netns.NetnsError) as exc:
+        except (OSError, netns.NetnsError, kube.ControlPlaneError) as exc:
             errors.append(f"{what}: {exc}")
 
+    if made.kube_dir:
+        attempt("stop the control plane", kube.lab_down, Path(made.kube_dir))
     for pod, pid in made.servers.items():
         if any("lbctl.lab.server" in arg for arg in netns.process_cmdline(pid)):
             attempt(f"stop labserver of {pod} (pid {pid})", netns.stop_process, pid)
@@ -524,6 +533,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     up.add_argument("--manifests", type=Path, default=None,
                     help="directory for the manifests (default /run/lbctl/lab-<prefix>/manifests)")
     up.add_argument("--json", action="store_true", help="print the lab state as JSON")
+    up.add_argument("--kubernetes", action="store_true",
+                    help="also run a real control plane (etcd, kube-apiserver, "
+                         "kube-controller-manager; `make k8s-bins`) holding the lab's nodes, pods "
+                         "and services")
     up.set_defaults(func=cmd_lab_up)
     down = sub.add_parser("down", help="remove everything `lab up` made")
     down.add_argument("--prefix", default="lbctl")
@@ -534,8 +547,9 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     replacing = state_path(args.prefix).exists()
     start = time.monotonic()
     try:
-        state = lab_up(default_spec(args.prefix), args.manifests)
-    except (LabError, ValueError) as exc:
+        spec = replace(default_spec(args.prefix), kubernetes=args.kubernetes)
+        state = lab_up(spec, args.manifests)
+    except (LabError, ValueError, kube.ControlPlaneError) as exc:
         print(f"lbctl lab up: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -546,6 +560,8 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
     print(describe(state))
     print(f"\nup in {time.monotonic() - start:.2f}s; state {state.path}; "
           f"manifests {state.manifests_dir}")
+    if state.made.kube_dir:
+        print(kube.describe(Path(state.made.kube_dir)))
     return 0
 
 

@@ -541,6 +541,23 @@ class ControlPlane:
         write_kubeconfig(path, self.server, self.pki, name)
         return path
 
+    def wait_for_endpoints(self, want: dict[tuple[str, str], tuple[str, ...]], deadline: float) -> None:
+        """Until each (namespace, service)'s slices list exactly its pods, all ready."""
+        from kubernetes import client
+        discovery: Any = client.DiscoveryV1Api(self.api())
+        for (namespace, service), pods in want.items():
+            seen: dict[str, bool] = {}
+            while seen != dict.fromkeys(pods, True):
+                if time.monotonic() > deadline:
+                    raise ControlPlaneError(f"{namespace}/{service}: EndpointSlices list {seen}, "
+                                            f"not {sorted(pods)} all ready, within the timeout; "
+                                            f"see {self.log('kube-controller-manager')}")
+                time.sleep(0.1)
+                slices = discovery.list_namespaced_endpoint_slice(
+                    namespace, label_selector=f"kubernetes.io/service-name={service}").items
+                seen = {ep.target_ref.name: bool(ep.conditions.ready)
+                        for s in slices for ep in s.endpoints or () if ep.target_ref}
+
     # kwok-style nodes and pods
 
     def register_node(self, name: str, ip: str) -> None:
@@ -621,3 +638,99 @@ def _exists_ok() -> Iterator[None]:
     except ApiException as exc:
         if exc.status != 409:
             raise
+
+
+# --- the lab's control plane (`lbctl lab up --kubernetes`) ------------------------------------
+
+
+@dataclass(frozen=True)
+class LabPod:
+    """A lab pod as the API server sees it."""
+
+    namespace: str
+    name: str
+    ip: str
+    node: str
+    labels: dict[str, str]
+    ports: tuple[tuple[str, int, str], ...]     # (name, containerPort, protocol)
+
+
+SERVICE_LABEL = "lab.lbctl.io/service-"        # + service name: "true" on each of its backends
+
+
+def lab_objects(state: Any) -> tuple[dict[str, str], list[LabPod], list[dict]]:
+    """A lab's nodes (name -> InternalIP), pods and Service manifests, from its LabState.
+
+    A backend carries one label per service it backs (the Services select on those), and
+    `app: <its first service>` for Services made by hand. Pods that back no service (clients)
+    are registered too, in "default".
+    """
+    from lbctl.lab import cluster
+    nodes = ({n.name: n.ip for n in state.nodes.values()} if hasattr(state, "nodes")
+             else {cluster.NODE_NAME: state.spec.gateway})
+    backs: dict[str, list[Any]] = {}
+    for svc in state.spec.services:
+        for pod in svc.backends:
+            backs.setdefault(pod, []).append(svc)
+    pods = []
+    for name, pod in state.pods.items():
+        services = backs.get(name, [])
+        labels = {f"{SERVICE_LABEL}{svc.name}": "true" for svc in services}
+        if services:
+            labels["app"] = services[0].name
+        ports = {(p.name, p.target_port, p.protocol) for svc in services for p in svc.ports}
+        pods.append(LabPod(namespace=services[0].namespace if services else "default", name=name,
+                           ip=pod.ip, node=getattr(pod, "node", cluster.NODE_NAME),
+                           labels=labels, ports=tuple(sorted(ports))))
+    manifests = []
+    for svc in state.spec.services:
+        manifest = cluster.service_manifest(svc)
+        manifest["spec"]["selector"] = {f"{SERVICE_LABEL}{svc.name}": "true"}
+        manifests.append(manifest)
+    return nodes, pods, manifests
+
+
+def lab_up(state: Any, work_dir: Path, timeout: float = START_TIMEOUT) -> ControlPlane:
+    """Start the lab's control plane, register its nodes and pods (Running, Ready), create its
+    Services, and wait until the EndpointSlice controller lists every backend as ready: an
+    agent started next sees the whole lab at its first list. On failure nothing is left."""
+    nodes, pods, services = lab_objects(state)
+    cp = ControlPlane(work_dir, service_cidr=state.spec.service_cidr).start(timeout)
+    try:
+        for name, ip in nodes.items():
+            cp.register_node(name, ip)
+        for namespace in sorted({p.namespace for p in pods} | {s["metadata"]["namespace"] for s in services}):
+            if namespace != "default":
+                cp.kubectl("create", "namespace", namespace, check=False)
+        for pod in pods:
+            cp.create_pod(pod.namespace, pod.name, node=pod.node, ip=pod.ip, labels=pod.labels,
+                          ports=pod.ports)
+        for manifest in services:
+            cp.kubectl("apply", "-f", "-", input=json.dumps(manifest))
+        cp.wait_for_endpoints({(s["metadata"]["namespace"], s["metadata"]["name"]): svc.backends
+                               for s, svc in zip(services, state.spec.services)},
+                              time.monotonic() + timeout)
+    except BaseException:
+        cp.stop()
+        raise
+    return cp
+
+
+def lab_down(work_dir: Path) -> bool:
+    """Stop the control plane whose state is in work_dir (any process's); False if none runs."""
+    cp = ControlPlane(work_dir)
+    if not cp.state_file.exists():
+        if work_dir.exists():
+            cp.stop()           # a start that died before its first save: remove its files
+        return False
+    ControlPlane.attach(work_dir).stop()
+    return True
+
+
+def describe(work_dir: Path) -> str:
+    """Where the lab's control plane is and how to talk to it."""
+    cp = ControlPlane.attach(work_dir)
+    return (f"control plane: kubernetes {K8S_VERSION} at {cp.server} (etcd {cp.etcd_url}); "
+            f"logs {cp.work_dir / 'logs'}\n"
+            f"  export KUBECONFIG={cp.kubeconfig}\n"
+            f"  kubectl get nodes,pods,services,endpointslices -A -o wide")
