@@ -38,7 +38,6 @@ import logging
 import os
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -341,13 +340,13 @@ class KubernetesSource:
                     return
                 why = _describe(exc)
                 self._errors[kind.name] = why
-                backoff = min(max(self.initial_backoff, 2 * backoff), self.max_backoff)
+                backoff = next_backoff(backoff, self.initial_backoff, self.max_backoff)
                 if why != failing:
                     log.warning("%s list/watch at %s failed: %s; retrying with backoff (up to %gs)%s",
                                 kind.name, self.server, why, self.max_backoff,
                                 "" if self._ready.is_set() else "; nothing programmed changes meanwhile")
                     failing = why
-                self._stop.wait(backoff * (1 + random.random()))
+                self._stop.wait(jittered(backoff))
                 continue
             if failing is not None:
                 log.info("%s list/watch at %s works again", kind.name, self.server)
@@ -425,6 +424,17 @@ class KubernetesSource:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+def next_backoff(previous: float, initial: float = INITIAL_BACKOFF, maximum: float = MAX_BACKOFF) -> float:
+    """client-go's reflector backoff: ``initial``, doubling, at most ``maximum``."""
+    return min(max(initial, 2 * previous), maximum)
+
+
+def jittered(delay: float, rnd: Callable[[], float] = random.random) -> float:
+    """``delay`` plus up to 100 % (client-go's jitter 1.0), so that many agents restarted by
+    one API server outage do not come back in step."""
+    return delay * (1 + rnd())
 
 
 def _key(doc: dict) -> str:
