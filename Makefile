@@ -12,7 +12,7 @@ APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 ip
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes clean
+.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes clean k8s-bins demo-k8s
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
@@ -21,6 +21,8 @@ help:
 	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
 	@echo "make lint        ruff and mypy (make test runs them first)"
 	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
+	@echo "make k8s-bins    build etcd, kube-apiserver, kube-controller-manager, kube-proxy (once, cached)"
+	@echo "make demo-k8s    lab + real API server + agent --source kubernetes + a kubectl-made service"
 
 setup: apt-deps kernel-headers venv
 
@@ -64,17 +66,22 @@ lint: venv
 	$(VENV)/bin/ruff check lbctl tests
 	$(VENV)/bin/mypy
 
-test: setup lint
+test: setup lint k8s-bins
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-unit: venv
-	$(PY) -m pytest -q -m 'not root' $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m 'not root and not kube' $(PYTEST_ARGS)
 
 bench-quick: setup
 	$(VENV)/bin/lbctl bench --services 10,100000 --plot out/bench-quick.png
 
 bench-modes: setup
 	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --plot out/bench-modes.png
+
+# The real Kubernetes control plane, built from Go modules (hack/k8s, hack/etcd) once per machine
+# into ~/.cache/lbctl/k8s-<version>/; KUBEBUILDER_ASSETS with the binaries skips the build.
+k8s-bins:
+	@PATH="$$PATH:/usr/local/go/bin" hack/build-k8s.sh >/dev/null
 
 clean:
 	rm -rf $(VENV) *.egg-info out .pytest_cache

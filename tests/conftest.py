@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from kubeapi import kube_control_plane, kube_namespace, kube_node  # noqa: F401  (shared fixtures)
 
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.reconcile import Reconciler
