@@ -804,14 +804,28 @@ def age_all(directory: Path) -> None:
 def counting_reads(monkeypatch):
     """Counts files read, to prove that an unchanged directory costs stats only."""
     reads = []
-    original = manifests._read_documents
+    original = manifests._read_file
 
     def read(path):
         reads.append(path)
         return original(path)
 
-    monkeypatch.setattr(manifests, "_read_documents", read)
+    monkeypatch.setattr(manifests, "_read_file", read)
     return reads
+
+
+@pytest.fixture
+def counting_parses(monkeypatch):
+    """Counts files parsed, to prove that only changed files are parsed again."""
+    parses = []
+    original = manifests._parse_text
+
+    def parse(path, text):
+        parses.append(path)
+        return original(path, text)
+
+    monkeypatch.setattr(manifests, "_parse_text", parse)
+    return parses
 
 
 def test_source_protocol():
@@ -878,6 +892,32 @@ def test_poll_rereads_young_files_and_reports_only_real_changes(tmp_path, counti
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))      # same mtime, same size, same inode
     assert a.stat().st_size == st.st_size
     assert source.poll().services["default/a"].cluster_ips == ("10.96.0.2",)
+
+
+def test_poll_parses_only_changed_files(tmp_path, counting_reads, counting_parses):
+    """One file changes: only it is parsed again; the others' objects are the very objects of
+    the last snapshot (which the desired-state caches key on), and a file rewritten with the
+    same content (a new mtime) is read and recognised by its digest, not parsed."""
+    write(tmp_path / "a.yaml", SVC.format(name="a", ip="10.96.0.1"))
+    b = write(tmp_path / "b.yaml", SVC.format(name="b", ip="10.96.0.2"))
+    c = write(tmp_path / "c.yaml", SVC.format(name="c", ip="10.96.0.3"))
+    age_all(tmp_path)
+    source = ManifestSource(tmp_path)
+    first = source.poll()
+    assert sorted(p.name for p in counting_parses) == ["a.yaml", "b.yaml", "c.yaml"]
+    counting_parses.clear()
+    counting_reads.clear()
+    b.write_text(SVC.format(name="b", ip="10.96.0.20"))
+    age(b)
+    c.write_text(c.read_text())
+    age(c, seconds=20)
+    second = source.poll()
+    assert [p.name for p in counting_parses] == ["b.yaml"]
+    assert sorted(p.name for p in counting_reads) == ["b.yaml", "c.yaml"]
+    assert second.services["default/b"].cluster_ips == ("10.96.0.20",)
+    assert second.services["default/a"] is first.services["default/a"]
+    assert second.services["default/c"] is first.services["default/c"]
+    assert second == load_manifests(tmp_path)
 
 
 def test_poll_trusts_old_files(tmp_path, counting_reads):

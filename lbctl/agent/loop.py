@@ -1,7 +1,14 @@
 """`lbctl run`: source -> desired state -> mode (diff -> kernel), links followed as they come.
 
 One thread, one loop: poll the source (cheap when nothing changed), sync the mode when the
-source yields a new snapshot, and wait on the netlink link-event socket until the next poll.
+source yields a new snapshot, and wait on the netlink link-event socket, and on the source's
+own wake-up (``fileno()``: the Kubernetes source's watch events), until the next poll.
+
+Changes are tracked as kube-proxy's BoundedFrequencyRunner does it: a change after a quiet
+period is synced at once; changes that come faster than ``min_sync_period`` wait for it and
+coalesce into one sync of the newest snapshot. Each sync is incremental: the service ports of
+services whose objects did not change are reused (``PortsCache``), the eBPF mode's desired state
+is rebuilt only for those that did, and the reconciler writes only the map entries that differ.
 A failed sync is retried on the next turn from a fresh read of the kernel, and every
 ``sync_period`` (kube-proxy's syncPeriod) the mode re-reads the kernel and repairs whatever
 changed behind the agent's back.
@@ -24,7 +31,7 @@ from dataclasses import dataclass
 from lbctl.datapath.base import SyncResult
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.mode import EbpfMode
-from lbctl.model.desired import service_ports
+from lbctl.model.desired import PortsCache, service_ports
 from lbctl.sources.base import SourceUnavailable
 
 log = logging.getLogger("lbctl.agent.loop")
@@ -38,6 +45,7 @@ class AgentOptions:
     detach_on_exit: bool = False      # False: leave the datapath serving on exit
     link_rescan: float = 30.0         # seconds between full link scans that also verify filters
     sync_period: float = 30.0         # seconds between full resyncs that re-read the kernel
+    min_sync_period: float = 0.0      # at most one sync of changes per this many seconds
 
 
 class Agent:
@@ -57,6 +65,9 @@ class Agent:
         self._retry_delay = 0.0               # backoff of the retries of a failed sync
         self._next_retry = 0.0
         self._next_resync = clock() + options.sync_period   # reset when the mode starts
+        self._ports = PortsCache()            # service ports of unchanged services, reused
+        self._held = None                     # a snapshot waiting for min_sync_period
+        self._last_sync: float | None = None  # when the last sync of a snapshot started
 
     def report(self, problems) -> None:
         """Logs each problem once while it lasts (not on every poll), and when it is gone."""
@@ -69,7 +80,9 @@ class Agent:
 
     def sync_snapshot(self, snapshot) -> SyncResult:
         started = time.monotonic()
-        result = self.mode.sync(service_ports(snapshot))
+        self._held = None
+        self._last_sync = self.clock()
+        result = self.mode.sync(service_ports(snapshot, self._ports))
         self._programmed = True
         self.report(list(snapshot.problems) + list(self.mode.problems))
         return self._done(result, started)
@@ -119,6 +132,7 @@ class Agent:
         # First the source: a directory that is not there must not start the mode, whose
         # start removes what other modes left and whose first sync would empty the datapath.
         first = self.source.poll()
+        wake = self.source.fileno() if hasattr(self.source, "fileno") else None
         watches_links = hasattr(self.mode, "attach_links")
         housekeeping = getattr(self.mode, "housekeeping", None)   # deferred kernel work (nftables)
         self.mode.start()
@@ -134,10 +148,11 @@ class Agent:
                         break
                     self.turn(housekeeping, first=first)
                     first = None
+                    waits = ([events] if watches_links else []) + ([wake] if wake is not None else [])
+                    ready, _, _ = select.select(waits, [], [], self._wait())
                     if not watches_links:
-                        stop.wait(self.options.interval)
                         continue
-                    ready, _, _ = select.select([events], [], [], self.options.interval)
+                    ready = [r for r in ready if r is events]
                     # A link appeared or vanished (or events were lost): rescan. Link events
                     # are rare (a pod starting or stopping), a scan is one netlink dump. Links
                     # whose attach failed are tried again on every turn.
@@ -158,8 +173,15 @@ class Agent:
         the programmed datapath keeps serving, and the next change is tried afresh."""
         try:
             snapshot = first if first is not None else self.poll()
+            if snapshot is not None and not first and self._too_soon():
+                self._held = snapshot             # synced when min_sync_period has passed
+                snapshot = None
+            elif snapshot is None and self._held is not None and not self._too_soon():
+                snapshot = self._held
             if snapshot is not None:
                 self.sync_snapshot(snapshot)
+            elif self._held is not None:
+                pass                              # a change waits: no retry or resync before it
             elif getattr(self.mode, "needs_retry", False):
                 if self.clock() >= self._next_retry:
                     self.retry()
@@ -169,6 +191,18 @@ class Agent:
                 housekeeping()
         except Exception:
             log.exception("unexpected error in this turn; the datapath keeps its last state")
+
+    def _too_soon(self) -> bool:
+        """A sync of changes now would come sooner than min_sync_period after the last one."""
+        return (self._last_sync is not None
+                and self.clock() - self._last_sync < self.options.min_sync_period)
+
+    def _wait(self) -> float:
+        """How long the loop may sleep: until the next poll, or until a held change is due."""
+        wait = self.options.interval
+        if self._held is not None and self._last_sync is not None:
+            wait = min(wait, max(0.0, self._last_sync + self.options.min_sync_period - self.clock()))
+        return wait
 
     def poll(self):
         """The source's news, or None. An unreadable source keeps what is programmed: its

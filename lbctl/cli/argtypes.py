@@ -44,6 +44,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """Seconds that may be 0 (no bound): a finite number >= 0."""
+    value = float(_number(text, float))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (got {text})")
+    return value
+
+
 def counts(text: str) -> str:
     """Comma-separated counts >= 1 ("10,100000", "1_000"), returned normalised ("10,100000")."""
     parts = [p.strip() for p in text.split(",") if p.strip()]

@@ -21,9 +21,10 @@ KUBE_PROXY_MODES = ("iptables", "nftables", "ipvs")
 
 def add_kube_proxy_flags(parser: argparse.ArgumentParser | Any, *, required: bool) -> None:
     """kube-proxy's flags; `required` for render (another node), defaults from this host for run."""
-    parser.add_argument("--node-name", required=required, default=None, metavar="NAME",
-                        help="this node's name, for endpoint locality (internalTrafficPolicy, "
-                             "externalTrafficPolicy Local)" + ("" if required else "; default: the hostname"))
+    parser.add_argument("--node-name", "--hostname-override", dest="node_name", required=required, default=None,
+                        metavar="NAME", help="this node's name, for endpoint locality (internalTrafficPolicy, "
+                             "externalTrafficPolicy Local) and the Node the kubernetes source watches"
+                        + ("" if required else "; default: $NODE_NAME, else the hostname"))
     parser.add_argument("--node-ip", action="append", required=required, default=None if required else [],
                         metavar="IP", help="a node address, the first is the primary (repeat for more)"
                         + ("" if required else "; default: the source address of the default route"))
@@ -69,9 +70,13 @@ def nodeport_addresses(args) -> tuple[str, ...]:
 
 
 def node_name(args) -> str:
+    """--node-name (--hostname-override), else $NODE_NAME (a DaemonSet's downward API), else
+    the hostname, as kube-proxy's."""
+    import os
+
     from lbctl.datapath.kubeproxy import proxier
 
-    return args.node_name or proxier.node_name()
+    return args.node_name or os.environ.get("NODE_NAME") or proxier.node_name()
 
 
 def _node_ips(args) -> tuple[str, ...]:

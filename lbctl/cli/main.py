@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 from lbctl.datapath.ebpf import loader as ebpf
 
@@ -85,32 +86,49 @@ def cmd_run(args) -> int:
         log.error("lbctl run: cannot take the agent lock %s: %s (run as root)", lock.path,
                   exc.strerror or exc)
         return 1
+    source: Any = None
     try:
-        source = ManifestSource(args.manifests, interval=args.interval,
-                                state_path=dump.source_state_file(args.pin_dir),
-                                node_port_range=args.service_node_port_range)
+        if args.source == "kubernetes":
+            from lbctl.cli import config
+            from lbctl.sources.kubernetes import KubernetesSource, api_client
+
+            try:
+                api = api_client(args.kubeconfig, args.master)
+            except ValueError as exc:
+                log.error("lbctl run --source kubernetes: %s", exc)
+                return 2
+            source = KubernetesSource(api, config.node_name(args), node_port_range=args.service_node_port_range)
+            where = f"API server {source.server} (node {source.node_name})"
+        else:
+            source = ManifestSource(args.manifests, interval=args.interval,
+                                    state_path=dump.source_state_file(args.pin_dir),
+                                    node_port_range=args.service_node_port_range)
+            where = f"manifests {args.manifests}"
         agent = Agent(source, mode=mode,
                       options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit,
-                                           sync_period=args.sync_period))
+                                           sync_period=args.sync_period, min_sync_period=args.min_sync_period))
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         if args.mode == "ebpf":
-            log.info("lbctl run: manifests %s, devices %s, maps %s", args.manifests,
-                     ",".join(mode.cfg.devices), mode.cfg.pin_dir)
+            log.info("lbctl run: %s, devices %s, maps %s", where, ",".join(mode.cfg.devices), mode.cfg.pin_dir)
         else:
-            log.info("lbctl run --mode %s: manifests %s", args.mode, args.manifests)
+            log.info("lbctl run --mode %s: %s", args.mode, where)
         try:
             agent.run(stop, max_seconds=args.max_seconds)
         except SourceUnavailable as exc:
-            log.error("lbctl run: %s; not starting, nothing on this node was changed (fix "
-                      "--manifests, or create the directory, and start again)", exc)
+            fix = ("check --kubeconfig/--master and that the API server answers" if args.source == "kubernetes"
+                   else "fix --manifests, or create the directory")
+            log.error("lbctl run: %s; not starting, nothing on this node was changed (%s, and start "
+                      "again)", exc, fix)
             return 1
         except ebpf.DatapathError as exc:
             log.error("%s", exc)
             return 1
         return 0
     finally:
+        if source is not None and hasattr(source, "stop"):
+            source.stop()
         lock.release()
 
 
@@ -267,8 +285,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = ebpf.DatapathConfig()
     run = sub.add_parser("run", help="run the agent in the foreground")
+    run.add_argument("--source", default="manifests", choices=["manifests", "kubernetes"],
+                     help="where Services and EndpointSlices come from: a directory of manifests, or "
+                          "the API server (list and watch, as kube-proxy) (%(default)s)")
     run.add_argument("--manifests", default=DEFAULT_MANIFESTS,
                      help="directory of Service/EndpointSlice/Endpoints YAML (%(default)s)")
+    run.add_argument("--kubeconfig", default=None, metavar="FILE",
+                     help="kubernetes: the kubeconfig to reach the API server with (default: the "
+                          "in-cluster ServiceAccount, KUBERNETES_SERVICE_HOST/PORT)")
+    run.add_argument("--master", default=None, metavar="URL",
+                     help="kubernetes: the API server's address, overriding the kubeconfig's (reach "
+                          "it without the `kubernetes` ClusterIP lbctl provides itself)")
     run.add_argument("--mode", default="ebpf", choices=["ebpf", "iptables", "nftables", "ipvs"],
                      help="datapath: ebpf (tc programs and BPF maps), or kube-proxy v1.32's "
                           "iptables, nftables or ipvs mode (%(default)s)")
@@ -291,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--interval", type=argtypes.positive_float, default=1.0,
                      help="seconds between manifest polls (%(default)s)")
     config.add_source_flags(run)
+    run.add_argument("--min-sync-period", type=argtypes.non_negative_float, default=1.0, metavar="SECONDS",
+                     help="changes coalesce into at most one sync per this many seconds; a change "
+                          "after a quiet period is synced at once (kube-proxy's --min-sync-period; "
+                          "%(default)s)")
     run.add_argument("--sync-period", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
                      help="seconds between full resyncs, which read the kernel back and repair "
                           "whatever changed behind the agent's back (kube-proxy's --sync-period; "

@@ -48,6 +48,7 @@ reported and ignored, never fatal.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -123,6 +124,7 @@ class ManifestSource:
         self._snapshot: ClusterSnapshot | None = None
         self._racy = False
         self._memory = _Memory()
+        self._files: dict[Path, _ParsedFile] = {}   # last parse of each file, reused while unchanged
         self._state_read = False
         self._saved: _Memory | None = None       # what the state file holds, when known
         self._state_problems: list[Problem] = []  # reading it, for the first snapshot
@@ -150,7 +152,7 @@ class ManifestSource:
         fingerprint = _fingerprint(entries, problems)
         if self._snapshot is not None and fingerprint == self._fingerprint and not self._racy:
             return None
-        snapshot = _build(entries, problems, self.node_port_range, self._memory, unlisted)
+        snapshot = _build(entries, problems, self.node_port_range, self._memory, unlisted, self._files)
         if self.state_path is not None and self._saved != self._memory:
             self._write_state()
         extra = self._state_problems + ([self._write_problem] if self._write_problem else [])
@@ -339,12 +341,32 @@ class _Memory:
                        {path: dict(objs) for path, objs in self.objects.items()})
 
 
+@dataclass(frozen=True)
+class _ParsedFile:
+    """A file as last parsed, to be reused while its content stays the same: its stat, whether
+    that stat can be trusted (the file was older than the racy window when read), the digest
+    and text of its content, the object memory it left, and what it parsed to."""
+
+    state: tuple[int, int, int, int] | None
+    settled: bool
+    digest: bytes
+    text: str
+    objects: dict[str, str] | None
+    parsed: Parsed
+
+
 def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tuple[int, int],
-           memory: _Memory | None, unlisted: tuple[Path, ...] = ()) -> ClusterSnapshot:
+           memory: _Memory | None, unlisted: tuple[Path, ...] = (),
+           files: dict[Path, _ParsedFile] | None = None) -> ClusterSnapshot:
     """Parse files into a snapshot. With ``memory`` (a watching source's), a file that stops
     parsing keeps the documents it last parsed to, an object that becomes invalid keeps its last
     valid version, the files under a directory that cannot be listed (``unlisted``) keep theirs,
-    and duplicated names stay where they were."""
+    and duplicated names stay where they were.
+
+    With ``files`` (a watching source's, with ``memory``), a file whose content did not change
+    since it was last parsed is not parsed again: its stat (mtime, size, inode, device) is the
+    same and was taken outside the racy window, or its content has the same digest. Its objects
+    are the very objects of the last snapshot, which the desired-state caches key on."""
     parsed = Parsed(problems=list(problems))
     if memory is not None:
         present = {e.path for e in entries}
@@ -359,10 +381,12 @@ def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tupl
         for gone in [path for path in memory.objects if path not in present]:
             del memory.objects[gone]
     for entry in entries:
-        if entry.problem is None:
-            text, docs, problem = _read_documents(entry.path)
-        else:
-            text, docs, problem = None, [], entry.problem
+        hit, data = _unchanged(entry, memory, files) if files is not None else (None, None)
+        if hit is not None:                      # the same content as last time: reused as is
+            _extend(parsed, hit.parsed)
+            continue
+        one = Parsed()
+        text, docs, problem, digest = _read_entry(entry, data)
         if memory is not None:
             if problem is None and text is not None:
                 memory.last_good[entry.path] = text
@@ -373,17 +397,63 @@ def _build(entries: list[_Entry], problems: list[Problem], node_port_range: tupl
                                                "held until it is fixed")
         if memory is None:
             for number, doc in enumerate(docs, start=1):
-                parse_document(parsed, doc, str(entry.path), f"document {number}", node_port_range)
+                parse_document(one, doc, str(entry.path), f"document {number}", node_port_range)
         else:
-            _parse_remembering(parsed, docs, entry.path, node_port_range, memory)
+            _parse_remembering(one, docs, entry.path, node_port_range, memory)
         if problem:
-            parsed.problems.append(problem)
+            one.problems.append(problem)
+        _extend(parsed, one)
+        if files is not None and memory is not None:
+            files.pop(entry.path, None)
+            if problem is None and text is not None and digest is not None:
+                files[entry.path] = _ParsedFile(entry.state, _settled(entry.state), digest, text,
+                                                memory.objects.get(entry.path), one)
+    if files is not None:
+        for gone in files.keys() - {e.path for e in entries}:
+            del files[gone]
     if memory is None:
         return join(parsed.services, parsed.records, parsed.problems)
     won: dict[str, str] = {}
     snapshot = join(parsed.services, parsed.records, parsed.problems, owners=memory.owners, won=won)
     memory.owners = won
     return snapshot
+
+
+def _extend(parsed: Parsed, one: Parsed) -> None:
+    parsed.services.extend(one.services)
+    parsed.records.extend(one.records)
+    parsed.problems.extend(one.problems)
+
+
+def _settled(state: tuple[int, int, int, int] | None) -> bool:
+    """The file's mtime is older than the racy window: a later write changes its stat."""
+    return state is not None and state[0] < time.time_ns() - RACY_WINDOW_NS
+
+
+def _unchanged(entry: _Entry, memory: _Memory | None,
+               files: dict[Path, _ParsedFile]) -> tuple[_ParsedFile | None, bytes | None]:
+    """The last parse of this file if its content is the same and the memory it left is
+    still the memory (a state file read since, or a directory outage: parsed anew); else
+    None and the content, when it was read to compare its digest."""
+    hit = files.get(entry.path)
+    if hit is None or entry.problem is not None or memory is None:
+        return None, None
+    if memory.objects.get(entry.path) is not hit.objects or memory.last_good.get(entry.path) is not hit.text:
+        return None, None
+    if hit.settled and hit.state == entry.state:
+        return hit, None                         # not even read
+    try:
+        data = _read_file(entry.path)
+    except (_Skip, OSError):
+        return None, None                        # parsed anew, which reports why
+    if _digest(data) != hit.digest:
+        return None, data
+    files[entry.path] = dataclasses.replace(hit, state=entry.state, settled=_settled(entry.state))
+    return hit, None
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _units(docs: list[Any]) -> list[tuple[Any, str]]:
@@ -480,27 +550,43 @@ def _read_regular(path: Path, limit: int | None) -> bytes:
         os.close(fd)
 
 
+def _read_file(path: Path) -> bytes:
+    """A manifest file's content (every read of one goes through here)."""
+    return _read_regular(path, MAX_FILE_BYTES)
+
+
 def _size(limit: int) -> str:
     return f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
 
 
-def _read_documents(path: Path) -> tuple[str | None, list[Any], Problem | None]:
-    """Load one file: (its text, its documents, a Problem). On a syntax error the documents
-    before it are kept; the text is given only when the whole file was read."""
+def _read_entry(entry: _Entry, data: bytes | None = None) -> tuple[str | None, list[Any], Problem | None,
+                                                                  bytes | None]:
+    """An entry's text, documents, Problem and content digest (the entry's own problem when it
+    is not a readable file); ``data``: its content, when already read."""
+    if entry.problem is not None:
+        return None, [], entry.problem, None
+    return _read_documents(entry.path, data)
+
+
+def _read_documents(path: Path, data: bytes | None = None) -> tuple[str | None, list[Any], Problem | None,
+                                                                    bytes | None]:
+    """Load one file: (its text, its documents, a Problem, the digest of its bytes). On a
+    syntax error the documents before it are kept; the text is given only when the whole file
+    was read."""
     obj = f"file {path}"
     try:
-        data = _read_regular(path, MAX_FILE_BYTES)
+        data = _read_file(path) if data is None else data
     except _Skip as skip:
-        return None, [], Problem(obj, f"{skip}; file skipped, others loaded")
+        return None, [], Problem(obj, f"{skip}; file skipped, others loaded"), None
     except OSError as error:
-        return None, [], Problem(obj, f"cannot read: {error.strerror or error}; file skipped, others loaded")
+        return None, [], Problem(obj, f"cannot read: {error.strerror or error}; file skipped, others loaded"), None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         return None, [], Problem(obj, f"not UTF-8 ({error.reason} at byte {error.start}); file skipped, "
-                                      "others loaded")
+                                      "others loaded"), None
     docs, problem = _parse_text(path, text)
-    return text, docs, problem
+    return text, docs, problem, _digest(data)
 
 
 def _parse_text(path: Path, text: str) -> tuple[list[Any], Problem | None]:
@@ -611,16 +697,19 @@ def _read_state(path: Path, directory: Path) -> tuple[_Memory | None, Problem | 
 
 def _write_state(path: Path, directory: Path, memory: _Memory) -> Problem | None:
     """Write the memory atomically: a reader (a restarted agent) sees the old or the new file."""
+    # a few files own thousands of names: each origin made relative once
+    relative = {origin: _relative(Path(origin), directory) for origin in set(memory.owners.values())}
     state = {
         "kind": STATE_KIND,
         "version": STATE_VERSION,
         "directory": str(directory.absolute()),
         "files": {_relative(p, directory): text for p, text in sorted(memory.last_good.items())},
-        "owners": {label: _relative(Path(origin), directory) for label, origin in sorted(memory.owners.items())},
+        "owners": {label: relative[origin] for label, origin in sorted(memory.owners.items())},
         "objects": {_relative(p, directory): dict(sorted(objs.items()))
                     for p, objs in sorted(memory.objects.items())},
     }
-    data = json.dumps(state, indent=0, ensure_ascii=False).encode("utf-8")
+    # one line, so that json's C encoder writes it (indent= falls back to the Python one)
+    data = json.dumps(state, ensure_ascii=False).encode("utf-8")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
