@@ -5,6 +5,7 @@ pinned maps at scrape time."""
 from __future__ import annotations
 
 import http.client
+import os
 import time
 
 import pytest
@@ -111,3 +112,85 @@ def test_no_maps_no_map_series(tmp_path):
                                            ("svc_new_flow", False), ("revnat", False)])
 def test_drop_counters(counter, drop):
     assert agent_metrics.is_drop(counter) is drop
+
+
+# --- a real scrape of an agent in the lab (root) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lab_agent(tmp_path_factory):
+    """The lab (pods in namespaces), the eBPF agent on its links with the metrics server."""
+    import threading
+
+    from conftest import TEST_PIN_DIR, config_for_tests
+
+    from lbctl.agent.loop import Agent, AgentOptions
+    from lbctl.agent.status import Operations
+    from lbctl.datapath.ebpf import dump
+    from lbctl.datapath.ebpf import loader as ebpf
+    from lbctl.lab import cluster as lab
+    from lbctl.sources.manifests import ManifestSource
+
+    prefix = f"lbx{os.getpid() % 1000}"
+    pin_dir = TEST_PIN_DIR + "-metrics"
+    cfg = config_for_tests(pin_dir=pin_dir, devices=(f"veth{prefix}*",))
+    state = lab.lab_up(lab.LabSpec(prefix=prefix, pod_cidr="10.244.210.0/24", gateway="10.244.210.1"),
+                       tmp_path_factory.mktemp("manifests"))
+    metrics = Metrics("ebpf", pin_dir, ProxyHealth(60))
+    ops = Operations(mode="ebpf", source="lab", pin_dir=pin_dir, metrics=metrics, write_status=False)
+    agent = Agent(ManifestSource(state.manifests_dir, interval=0.1), cfg,
+                  AgentOptions(interval=0.1, link_rescan=0.5), observer=ops)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run, args=(stop,), kwargs={"max_seconds": 600}, daemon=True)
+    listener = None
+    try:
+        thread.start()
+        assert agent.synced.wait(60), "agent did not sync"
+        listener = agent_metrics.serve_metrics(metrics, "127.0.0.1:0")
+        yield state, agent, listener.server.port, cfg
+    finally:
+        if listener is not None:
+            listener.stop()
+        stop.set()
+        thread.join(30)
+        ebpf.detach_all(cfg.tc_name)
+        ebpf.remove_pins(cfg.pin_dir)
+        dump.remove_names(cfg.pin_dir)
+        lab.lab_down(state.prefix)
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_scrape_reads_the_maps_of_the_running_agent(lab_agent):
+    from lbctl.datapath.ebpf import dump
+    from lbctl.lab.client import request_spread
+
+    state, agent, port, cfg = lab_agent
+    client = state.pods[state.clients[0]].ns
+    before = scrape_text(http_get(port, "/metrics")[2])
+    web = (("frontend", "10.96.0.10:80/TCP"), ("service", "default/web:http"))
+    report = request_spread(client, "tcp", "10.96.0.10:80", 40)
+    assert sum(report["errors"].values()) == 0, report
+    code, _, text = http_get(port, "/metrics")
+    after = scrape_text(text)
+    maps = dump.collect(cfg.pin_dir)
+    row = next(s for s in maps["services"] if s["name"] == "default/web:http")
+
+    flows = after["lbctl_service_flows_total"][web] - before.get("lbctl_service_flows_total", {}).get(web, 0)
+    assert flows == 40, "one new flow per connection, read from the maps at scrape time"
+    assert after["lbctl_service_flows_total"][web] == row["flows"], "nothing else went to web meanwhile"
+    assert 0 < after["lbctl_service_packets_total"][web] <= row["packets"]
+    assert 0 < after["lbctl_service_bytes_total"][web] <= row["bytes"]
+    assert after["lbctl_service_backends"][web] == 3
+    assert after["lbctl_datapath_packets_total"][(("counter", "svc_new_flow"),)] >= 40
+    assert (("reason", "nat_failed"),) in after["lbctl_datapath_drops_total"]
+
+    entries = after["lbctl_map_entries"]
+    slots = sum(1 + s["count"] for s in maps["services"])
+    assert entries[(("map", "lb4_services"),)] == slots, "a frontend and its backend slots each"
+    assert entries[(("map", "lb4_backends"),)] == maps["backends"]
+    assert after["lbctl_map_max_entries"][(("map", "lb4_services"),)] == cfg.services_map_size
+    assert after["lbctl_map_max_entries"][(("map", "lb4_ct"),)] == cfg.ct_size
+    assert entries[(("map", "lb4_ct"),)] > 0 and after["lbctl_maps_readable"][(("pin_dir", cfg.pin_dir),)] == 1
+    assert after["kubeproxy_sync_proxy_rules_duration_seconds_count"][IPV4] >= 1
+    assert after["kubeproxy_sync_proxy_rules_last_timestamp_seconds"][IPV4] > 0
