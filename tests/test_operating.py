@@ -25,18 +25,18 @@ from lbctl.agent import status
 NODE, NODE_IP, HC_PORT = "node-a", "192.0.2.2", 31234
 EXE = str(Path(sys.executable).with_name("lbctl"))
 
-SERVICE = """\
+SERVICE = f"""\
 apiVersion: v1
 kind: Service
-metadata: {name: web-lb, namespace: default}
+metadata: {{name: web-lb, namespace: default}}
 spec:
   type: LoadBalancer
   clusterIP: 10.96.0.11
-  selector: {app: web}
+  selector: {{app: web}}
   externalTrafficPolicy: Local
-  healthCheckNodePort: %d
-  ports: [{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}]
-""" % HC_PORT
+  healthCheckNodePort: {HC_PORT}
+  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080, nodePort: 30080}}]
+"""
 
 
 def endpoint_slice(node: str) -> str:

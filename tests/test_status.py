@@ -7,6 +7,7 @@ import json
 import os
 import stat
 
+import pytest
 from kubeproxy_cases import ep, info, port, service
 
 from lbctl.agent import status
@@ -107,3 +108,33 @@ def test_restrict_files(tmp_path, monkeypatch):
     assert stat.S_IMODE(os.stat(run / "agent-x.json").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(pins / "lb4_services").st_mode) == 0o600
     assert status.restrict_files(str(pins)) == []
+
+
+@pytest.mark.root
+def test_pins_on_bpffs_are_made_root_only(tmp_path, monkeypatch):
+    """A pin left world-readable by an earlier run (older umask) is chmod-ed on bpffs."""
+    from conftest import TEST_PIN_DIR
+
+    from lbctl.datapath.ebpf import bpfsys
+
+    pin_dir = TEST_PIN_DIR + "-perms"
+    monkeypatch.setenv("LBCTL_RUN_DIR", str(tmp_path))
+    os.makedirs(pin_dir)
+    fd = bpfsys.map_create(1, "lbctl_perm", 4, 4, 4)     # BPF_MAP_TYPE_HASH
+    try:
+        path = os.path.join(pin_dir, "lb4_services")
+        bpfsys.obj_pin(fd, path)
+        os.chmod(pin_dir, 0o755)
+        os.chmod(path, 0o644)
+        assert mode_of(path) == 0o644
+        assert path in status.restrict_files(pin_dir)
+        assert mode_of(path) == 0o600 and mode_of(pin_dir) == 0o700
+    finally:
+        os.close(fd)
+        for name in os.listdir(pin_dir):
+            os.unlink(os.path.join(pin_dir, name))
+        os.rmdir(pin_dir)
+
+
+def mode_of(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)

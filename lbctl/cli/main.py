@@ -55,6 +55,14 @@ def build_mode(args):
 
 
 def cmd_run(args) -> int:
+    previous = os.umask(0o077)    # the lock, pins, state and status files: root's only (0600, dirs 0700)
+    try:
+        return _run(args)
+    finally:
+        os.umask(previous)
+
+
+def _run(args) -> int:
     from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
     from lbctl.agent.loop import Agent, AgentOptions
     from lbctl.datapath.ebpf import dump
@@ -129,8 +137,7 @@ def start_operations(args, source: str):
     from lbctl.agent import health, metrics, servicehealth, status
     from lbctl.cli import config
 
-    os.umask(0o077)          # pins, lock, state and status files: 0600, directories 0700
-    status.restrict_files(args.pin_dir)
+    status.restrict_files(args.pin_dir)     # what an earlier run (older umask) left
     node = config.node_name(args)
     proxy = health.ProxyHealth(timeout=2 * args.sync_period)
     listeners: dict[str, str] = {}
