@@ -78,7 +78,7 @@ class ProxyHealth:
         self._oldest_queued: float | None = None                  # monotonic
         self._node_eligible = True
         self._start = clock()                                      # Go's m=+ counts from here
-        self.counts: dict[tuple[str, int], int] = {}               # (path, code) -> requests
+        self._counts: dict[tuple[str, int], int] = {}              # (path, code) -> requests
         self.updated()
 
     def updated(self) -> None:
@@ -135,8 +135,14 @@ class ProxyHealth:
             body = f'{{"lastUpdated": "{last_text}","currentTime": "{current}"}}'
         code = 200 if healthy else 503
         with self._lock:
-            self.counts[(path, code)] = self.counts.get((path, code), 0) + 1
+            self._counts[(path, code)] = self._counts.get((path, code), 0) + 1
         return code, body.encode()
+
+    @property
+    def counts(self) -> dict[tuple[str, int], int]:
+        """Answers given so far: (path, status code) -> count (kubeproxy_proxy_healthz_total)."""
+        with self._lock:
+            return dict(self._counts)
 
 
 # --- HTTP ------------------------------------------------------------------------------------------

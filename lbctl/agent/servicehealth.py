@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -112,20 +113,23 @@ class ServiceHealthServer:
         self.addresses = list(addresses)
         self.proxy_healthy = proxy_healthy
         self.services: dict[str, _Instance] = {}
+        self._lock = threading.Lock()              # services: written by the agent, read by handlers
         self._failed: dict[str, int] = {}          # service -> port whose bind failure was reported
 
     def sync(self, ports: Iterable[ServicePortInfo]) -> None:
         checks, local = health_checks(ports, self.node_name)
         self.sync_services(checks)
-        for key, instance in self.services.items():
-            count = local.get(key, 0)
-            if count != instance.local_endpoints:
-                log.log(V(3), "health check of Service %s: %d local endpoint(s)", key, count)
-            instance.local_endpoints = count
+        with self._lock:
+            for key, instance in self.services.items():
+                count = local.get(key, 0)
+                if count != instance.local_endpoints:
+                    log.log(V(3), "health check of Service %s: %d local endpoint(s)", key, count)
+                instance.local_endpoints = count
 
     def sync_services(self, checks: dict[str, HealthCheck]) -> None:
         for key in [k for k, inst in self.services.items() if checks.get(k) != inst.check]:
-            instance = self.services.pop(key)
+            with self._lock:
+                instance = self.services.pop(key)
             log.log(V(2), "closing health check of Service %s on port %d", key, instance.check.port)
             self._close(instance)
         for key in [k for k in self._failed if k not in checks or checks[k].port != self._failed[k]]:
@@ -151,15 +155,18 @@ class ServiceHealthServer:
                 log.info("resolved: Service %s: healthCheckNodePort %d served", key, check.port)
             else:
                 log.log(V(2), "opening health check of Service %s on port %d", key, check.port)
-            self.services[key] = instance
+            with self._lock:
+                self.services[key] = instance
 
     def answer(self, key: str) -> tuple[int, bytes] | None:
-        instance = self.services.get(key)
+        with self._lock:
+            instance = self.services.get(key)
+            count = instance.local_endpoints if instance is not None else 0
         if instance is None:
             return None
         healthy = self.proxy_healthy()
-        code = 200 if instance.local_endpoints and healthy else 503
-        return code, body(instance.check.namespace, instance.check.name, instance.local_endpoints, healthy)
+        code = 200 if count and healthy else 503
+        return code, body(instance.check.namespace, instance.check.name, count, healthy)
 
     def _handler(self, key: str):
         owner = self
@@ -179,6 +186,8 @@ class ServiceHealthServer:
         instance.servers.clear()
 
     def stop(self) -> None:
-        for instance in self.services.values():
+        with self._lock:
+            instances = list(self.services.values())
+            self.services.clear()
+        for instance in instances:
             self._close(instance)
-        self.services.clear()
