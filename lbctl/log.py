@@ -68,10 +68,10 @@ class RepeatSummary(logging.Filter):
             logging.getLogger(summary.name).handle(summary)
         return True
 
-    def flush(self) -> None:
-        """Writes the summaries of every window that has ended (and, at exit, of all)."""
+    def flush(self, everything: bool = True) -> None:
+        """Writes the summaries of every window that has ended, or (at exit) of all."""
         with self._lock:
-            summaries = self._expired(float("inf"))
+            summaries = self._expired(float("inf") if everything else self.clock())
         for summary in summaries:
             logging.getLogger(summary.name).handle(summary)
 
@@ -118,6 +118,9 @@ def setup(verbosity: int = 0, window: float = 60.0) -> RepeatSummary:
     return _summary_filter
 
 
-def flush() -> None:
+def flush(everything: bool = True) -> None:
+    """The summaries of held-back repeats: of every window (at exit), or of those that ended (the
+    agent calls this after each sync, so that a flood that stopped is summarised without waiting
+    for the next line)."""
     if _summary_filter is not None:
-        _summary_filter.flush()
+        _summary_filter.flush(everything)

@@ -71,6 +71,18 @@ def test_a_window_that_ends_quietly_is_summarised_with_the_next_line():
     assert out.lines == ["link veth1 gone", "link veth1 gone (repeated 1 times in 10s)", "something else"]
 
 
+def test_a_flood_that_stopped_is_summarised_at_the_next_flush():
+    clock = Clock()
+    logger, out, summary = flood_logger(clock, window=10)
+    for _ in range(3):
+        logger.error("iptables-restore failed")
+    summary.flush(everything=False)
+    assert out.lines == ["iptables-restore failed"], "the window has not ended"
+    clock.now = 11
+    summary.flush(everything=False)
+    assert out.lines == ["iptables-restore failed", "iptables-restore failed (repeated 2 times in 10s)"]
+
+
 def test_v_flag_sets_the_level():
     parser = cli.build_parser()
     assert parser.parse_args(["-v", "2", "status"]).v == 2

@@ -20,6 +20,7 @@ import os
 import time
 from collections.abc import Iterable, Sequence
 
+from lbctl import log as logs
 from lbctl.agent.health import ProxyHealth
 from lbctl.datapath.base import SyncResult
 from lbctl.datapath.ebpf import dump
@@ -195,6 +196,7 @@ class Operations:
                 self.counts["backends"])
         if self.write_status:
             self._write()
+        logs.flush(everything=False)
 
     def node_changed(self, node) -> None:
         """This node's Node object (the API's JSON), from a source that watches it."""
