@@ -20,6 +20,7 @@ Normal states never reach this filter as errors: they are logged at INFO or belo
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -94,6 +95,20 @@ class RepeatSummary(logging.Filter):
         return summary
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (as logging's last resort does), not to the
+    stream of the moment it was made: one that was replaced and closed since (a test's
+    capture) would fail every later line."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 _summary_filter: RepeatSummary | None = None
 _handler: logging.Handler | None = None
 
@@ -101,7 +116,7 @@ _handler: logging.Handler | None = None
 def setup(verbosity: int = 0, window: float = 60.0) -> RepeatSummary:
     """Configures the root logger for `-v verbosity`; returns the repeat filter (flush it at exit)."""
     global _summary_filter, _handler
-    handler = logging.StreamHandler()
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-5s %(name)s: %(message)s",
                                            datefmt="%H:%M:%S"))
     _summary_filter = RepeatSummary(window)

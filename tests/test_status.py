@@ -138,3 +138,68 @@ def test_pins_on_bpffs_are_made_root_only(tmp_path, monkeypatch):
 
 def mode_of(path: str) -> int:
     return stat.S_IMODE(os.stat(path).st_mode)
+
+
+class FakeMode:
+    """A mode whose syncs succeed or fail on demand."""
+    name = "fake"
+    problems = ()
+
+    def __init__(self):
+        self.fail = False
+        self.synced = []
+
+    def sync(self, ports):
+        self.synced.append(ports)
+        return SyncResult(errors=["kernel said no"] if self.fail else [], added=0 if ports is None else len(ports))
+
+    @property
+    def needs_retry(self):
+        return self.fail
+
+
+class Snapshots:
+    def __init__(self):
+        self.next = None
+
+    def poll(self):
+        snapshot, self.next = self.next, None
+        return snapshot
+
+
+def test_the_agent_loop_drives_health_and_status():
+    """queued when a change is polled (and from the start), updated after a sync that worked;
+    a sync that keeps failing leaves the change pending until /healthz is 503."""
+    from lbctl.agent.loop import Agent, AgentOptions
+    from lbctl.model.objects import ClusterSnapshot
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    clock = Clock()
+    proxy = ProxyHealth(timeout=60, clock=clock)
+    ops = status.Operations(mode="fake", source="test", pin_dir=PIN, health=proxy, write_status=False)
+    clock.now = 61
+    assert not proxy.is_healthy(), "the first sync is awaited from the start"
+    source, mode = Snapshots(), FakeMode()
+    agent = Agent(source, mode=mode, observer=ops, options=AgentOptions(interval=1, sync_period=30), clock=clock)
+    source.next = ClusterSnapshot()
+    agent.turn()
+    assert proxy.is_healthy() and ops.last_sync["kind"] == "change" and ops.last_sync["result"] == "ok"
+
+    mode.fail = True
+    source.next = ClusterSnapshot()
+    clock.now = 100
+    agent.turn()
+    assert ops.last_sync["result"] == "failed" and ops.last_sync["errors"] == ["kernel said no"]
+    clock.now = 159
+    agent.turn()                                  # a retry (backoff passed), failing again
+    assert ops.syncs["retry"] == 1 and proxy.is_healthy(), "pending, not late yet"
+    clock.now = 160
+    assert not proxy.is_healthy() and proxy.answer("/healthz")[0] == 503
+    mode.fail = False                             # the kernel takes it: the next sync works
+    agent.turn()
+    assert proxy.is_healthy() and ops.last_sync["result"] == "ok"

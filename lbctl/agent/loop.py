@@ -71,8 +71,6 @@ class Agent:
     def sync_snapshot(self, snapshot) -> SyncResult:
         started = time.monotonic()
         ports = service_ports(snapshot)
-        if self.observer is not None:
-            self.observer.queued(getattr(snapshot, "trigger_times", ()))
         result = self.mode.sync(ports)
         self._programmed = True
         self.report(list(snapshot.problems) + list(self.mode.problems))
@@ -193,6 +191,8 @@ class Agent:
         if self._unavailable is not None:
             log.info("resolved: %s", self._unavailable)
             self._unavailable = None
+        if snapshot is not None and self.observer is not None:   # a change waits for a sync
+            self.observer.queued(getattr(snapshot, "trigger_times", ()))
         return snapshot
 
 

@@ -1,7 +1,8 @@
 """What the agent tells the world after each sync: the status file `lbctl status` reads, the
 health servers, the metrics. One object, ``Operations``, that the agent's loop calls twice:
 
-    queued(trigger_times)    a change arrived and waits for a sync (kube-proxy's Sync())
+    queued(trigger_times)    a change arrived and waits for a sync (kube-proxy's Sync()); the
+                             first is queued from the start
     synced(kind, result, seconds, ok, ports, problems)
                              a sync ended: kind "change" (a new desired state, ``ports``),
                              "retry" (a failed one again) or "resync" (the kernel read back)
@@ -155,6 +156,10 @@ class Operations:
         self.servers: list = []              # the HTTP listeners (health.ListenerWithRetry), stopped with us
         self._ports: Sequence[ServicePortInfo] | None = None
         self._triggers: list[float] = []
+        if health is not None:
+            # kube-proxy at start: Updated (in case no sync ever succeeds) and, as its informers
+            # deliver the first objects, a queued change: a first sync that never ends is late too
+            health.queued()
         if write_status:
             self._write()
 
