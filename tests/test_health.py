@@ -75,6 +75,20 @@ def test_a_node_being_deleted_fails_healthz_but_not_livez():
     assert h.answer("/healthz")[0] == 200
 
 
+def test_the_sources_node_is_read_at_each_answer():
+    """A source that watches this node's Node (the Kubernetes source's ``node``) is asked at each
+    request: the node tainted for deletion turns /healthz 503 without waiting for a sync."""
+    node = {"metadata": {"name": "n1"}, "spec": {}}
+    h = ProxyHealth(timeout=60, node=lambda: node)
+    assert h.answer("/healthz")[0] == 200
+    node = {"metadata": {"name": "n1"}, "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler"}]}}
+    assert h.answer("/healthz")[0] == 503 and h.answer("/livez")[0] == 200
+    node = None       # deleted: not eligible, as kube-proxy's OnNodeDelete
+    assert h.answer("/healthz")[0] == 503
+    assert ProxyHealth(timeout=60, node=lambda: None).answer("/healthz")[0] == 200, \
+        "not seen yet (or a source without Nodes): eligible, as kube-proxy starts"
+
+
 def get(port: int, path: str, method: str = "GET") -> tuple[int, dict, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:

@@ -12,7 +12,8 @@ kube-proxy's, so that the probes, alerts and runbooks written for it work unchan
   ever succeeds): a probe during the first sync is not a failure.
 - `/healthz` also says whether the node is eligible: a Node object being deleted, or tainted
   ``ToBeDeletedByClusterAutoscaler``, makes it 503 so that load balancers drain the node
-  first (``sync_node``; a source without Node objects leaves the node eligible).
+  first (``sync_node``, or the source's Node read at each answer; a source without Node objects
+  leaves the node eligible).
 - The body is kube-proxy's, byte for byte in shape: ``{"lastUpdated": "<go time>","currentTime":
   "<go time>", "nodeEligible": true}`` (times as Go's time.Time.String() prints them; when
   healthy, lastUpdated is the current time, as kube-proxy has done for compatibility).
@@ -69,8 +70,12 @@ class ProxyHealth:
     programs IPv4. Thread-safe: the agent's loop writes, the HTTP threads read."""
 
     def __init__(self, timeout: float, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time):
+                 wall: Callable[[], float] = time.time, node: Callable[[], Mapping | None] | None = None):
+        """``node``: this node's Node object (the API's JSON, or None) as a source holds it now,
+        read at each answer; without it, ``sync_node`` is called with each new version."""
         self.timeout = timeout
+        self._node = node
+        self._node_seen = False
         self.clock = clock
         self.wall = wall
         self._lock = threading.Lock()
@@ -105,6 +110,12 @@ class ProxyHealth:
 
     @property
     def node_eligible(self) -> bool:
+        if self._node is not None:
+            node = self._node()
+            if node is None and self._node_seen:     # deleted (kube-proxy's OnNodeDelete)
+                node = {"metadata": {"name": "this node", "deletionTimestamp": "deleted"}}
+            self._node_seen = self._node_seen or node is not None
+            self.sync_node(node)
         with self._lock:
             return self._node_eligible
 

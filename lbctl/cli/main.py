@@ -100,7 +100,7 @@ def _run(args) -> int:
                                 state_path=dump.source_state_file(args.pin_dir),
                                 node_port_range=args.service_node_port_range)
         try:
-            operations = start_operations(args, f"manifests {args.manifests}")
+            operations = start_operations(args, source, f"manifests {args.manifests}")
         except OSError as exc:   # --bind-address-hard-fail: a listener could not be bound
             log.error("lbctl run: %s", exc.strerror or exc)
             return 1
@@ -131,17 +131,18 @@ def _run(args) -> int:
         lock.release()
 
 
-def start_operations(args, source: str):
+def start_operations(args, source, where: str):
     """What `lbctl run` serves besides the datapath, as kube-proxy: /healthz and /livez, /metrics,
-    the healthCheckNodePorts, the status file. Files it creates are root's only."""
+    the healthCheckNodePorts, the status file. `source`'s Node object (``source.node``, where
+    the source watches it) makes /healthz 503 while the node is being deleted."""
     from lbctl.agent import health, metrics, servicehealth, status
     from lbctl.cli import config
 
     status.restrict_files(args.pin_dir)     # what an earlier run (older umask) left
     node = config.node_name(args)
-    proxy = health.ProxyHealth(timeout=2 * args.sync_period)
+    proxy = health.ProxyHealth(timeout=2 * args.sync_period, node=lambda: getattr(source, "node", None))
     listeners: dict[str, str] = {}
-    ops = status.Operations(mode=args.mode, source=source, pin_dir=args.pin_dir, node_name=node,
+    ops = status.Operations(mode=args.mode, source=where, pin_dir=args.pin_dir, node_name=node,
                             health=proxy, metrics=metrics.Metrics(args.mode, args.pin_dir, proxy),
                             listeners=listeners)
     try:
