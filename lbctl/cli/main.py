@@ -143,7 +143,8 @@ def start_operations(args, source, where: str):
     proxy = health.ProxyHealth(timeout=2 * args.sync_period, node=lambda: getattr(source, "node", None))
     listeners: dict[str, str] = {}
     ops = status.Operations(mode=args.mode, source=where, pin_dir=args.pin_dir, node_name=node,
-                            health=proxy, metrics=metrics.Metrics(args.mode, args.pin_dir, proxy),
+                            health=proxy, metrics=metrics.Metrics(
+                                args.mode, args.pin_dir if args.mode == "ebpf" else None, proxy),
                             listeners=listeners)
     try:
         node_ips = config._node_ips(args)
