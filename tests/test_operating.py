@@ -158,6 +158,7 @@ def test_lbctl_run_operated_like_kube_proxy(node_ns, tmp_path, mode):
         code, text = http_in(ns, "127.0.0.1", 10249, "/metrics")
         assert code == 200 and 'kubeproxy_sync_proxy_rules_duration_seconds_count{ip_family="IPv4"}' in text
         assert http_in(ns, "127.0.0.1", 10249, "/proxyMode") == (200, mode)
+        assert ('lbctl_map_entries{map="lb4_services"}' in text) == (mode == "ebpf"), "maps: eBPF mode's"
         assert refused(ns, NODE_IP, 10249)
 
         # the health check port: on the nodeport addresses (192.0.2.0/24), 200 with a local endpoint
