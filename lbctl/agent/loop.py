@@ -51,8 +51,9 @@ class AgentOptions:
 class Agent:
     def __init__(self, source, cfg: ebpf.DatapathConfig | None = None,
                  options: AgentOptions = AgentOptions(), mode=None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, observer=None):
         self.source = source
+        self.observer = observer   # lbctl.agent.status.Operations: health, metrics, status file
         self.mode = mode or EbpfMode(cfg or ebpf.DatapathConfig())
         self.options = options
         self.clock = clock
@@ -82,13 +83,15 @@ class Agent:
         started = time.monotonic()
         self._held = None
         self._last_sync = self.clock()
-        result = self.mode.sync(service_ports(snapshot, self._ports))
+        ports = service_ports(snapshot, self._ports)
+        result = self.mode.sync(ports)
         self._programmed = True
         self.report(list(snapshot.problems) + list(self.mode.problems))
-        return self._done(result, started)
+        return self._done(result, started, kind="change", ports=ports)
 
     def retry(self) -> SyncResult:
-        return self._done(self.mode.sync(None), time.monotonic())
+        started = time.monotonic()
+        return self._done(self.mode.sync(None), started, kind="retry")
 
     def resync(self) -> SyncResult:
         """Reads the kernel back and repairs any difference from the last desired state."""
@@ -100,9 +103,10 @@ class Agent:
         if result.changed:
             log.warning("resync (%s): the kernel differed from what was programmed; repaired: %s",
                         self.mode.name, result)
-        return self._done(result, started, quiet=True)
+        return self._done(result, started, quiet=True, kind="resync")
 
-    def _done(self, result: SyncResult, started: float, quiet: bool = False) -> SyncResult:
+    def _done(self, result: SyncResult, started: float, quiet: bool = False, kind: str = "change",
+              ports=None) -> SyncResult:
         """After a sync of a snapshot, a retry, or (quiet) a resync: `syncs` counts the first two
         (what a change waits for), `resyncs` the last."""
         if not quiet:
@@ -120,6 +124,9 @@ class Agent:
         if (result.changed and not quiet) or result.errors:
             log.info("sync (%s): %s in %.1f ms", self.mode.name, result,
                      (time.monotonic() - started) * 1000)
+        if self.observer is not None:
+            ok = not result.errors and not getattr(self.mode, "needs_retry", False)
+            self.observer.synced(kind, result, time.monotonic() - started, ok, ports, sorted(self._reported))
         return result
 
     def run(self, stop: threading.Event | None = None, max_seconds: float | None = None) -> None:
@@ -218,6 +225,8 @@ class Agent:
         if self._unavailable is not None:
             log.info("resolved: %s", self._unavailable)
             self._unavailable = None
+        if snapshot is not None and self.observer is not None:   # a change waits for a sync
+            self.observer.queued(getattr(snapshot, "trigger_times", ()))
         return snapshot
 
 

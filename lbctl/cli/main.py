@@ -1,6 +1,7 @@
 """lbctl: the command line.
 
   lbctl run --manifests DIR [--mode ebpf|iptables|nftables|ipvs]   the agent (foreground)
+  lbctl status [--json]          what the agent did last: source, last sync, counts, errors
   lbctl dump maps [--json]       what the datapath holds
   lbctl trace SRC:P VIP:P/proto  what the datapath does with a packet (its own code, no writes)
   lbctl cleanup                  remove everything lbctl created (every mode's objects)
@@ -55,6 +56,14 @@ def build_mode(args):
 
 
 def cmd_run(args) -> int:
+    previous = os.umask(0o077)    # the lock, pins, state and status files: root's only (0600, dirs 0700)
+    try:
+        return _run(args)
+    finally:
+        os.umask(previous)
+
+
+def _run(args) -> int:
     from lbctl.agent.lock import AgentLock, AgentRunning, running_agents
     from lbctl.agent.loop import Agent, AgentOptions
     from lbctl.datapath.ebpf import dump
@@ -87,6 +96,7 @@ def cmd_run(args) -> int:
                   exc.strerror or exc)
         return 1
     source: Any = None
+    operations = None
     try:
         if args.source == "kubernetes":
             from lbctl.cli import config
@@ -104,7 +114,12 @@ def cmd_run(args) -> int:
                                     state_path=dump.source_state_file(args.pin_dir),
                                     node_port_range=args.service_node_port_range)
             where = f"manifests {args.manifests}"
-        agent = Agent(source, mode=mode,
+        try:
+            operations = start_operations(args, source, where)
+        except OSError as exc:   # --bind-address-hard-fail: a listener could not be bound
+            log.error("lbctl run: %s", exc.strerror or exc)
+            return 1
+        agent = Agent(source, mode=mode, observer=operations,
                       options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit,
                                            sync_period=args.sync_period, min_sync_period=args.min_sync_period))
         stop = threading.Event()
@@ -127,9 +142,49 @@ def cmd_run(args) -> int:
             return 1
         return 0
     finally:
+        if operations is not None:
+            operations.stop()
         if source is not None and hasattr(source, "stop"):
             source.stop()
         lock.release()
+
+
+def start_operations(args, source, where: str):
+    """What `lbctl run` serves besides the datapath, as kube-proxy: /healthz and /livez, /metrics,
+    the healthCheckNodePorts, the status file. `source`'s Node object (``source.node``, where
+    the source watches it) makes /healthz 503 while the node is being deleted."""
+    from lbctl.agent import health, metrics, servicehealth, status
+    from lbctl.cli import config
+
+    status.restrict_files(args.pin_dir)     # what an earlier run (older umask) left
+    node = config.node_name(args)
+    proxy = health.ProxyHealth(timeout=2 * args.sync_period, node=lambda: getattr(source, "node", None))
+    listeners: dict[str, str] = {}
+    ops = status.Operations(mode=args.mode, source=where, pin_dir=args.pin_dir, node_name=node,
+                            health=proxy, metrics=metrics.Metrics(
+                                args.mode, args.pin_dir if args.mode == "ebpf" else None, proxy),
+                            listeners=listeners)
+    try:
+        node_ips = config._node_ips(args)
+    except ValueError:
+        node_ips = ()
+    addresses = servicehealth.listen_addresses(config.nodeport_addresses(args), node_ips,
+                                               servicehealth.host_ipv4_addresses)
+    ops.service_health = servicehealth.ServiceHealthServer(node, addresses, proxy.is_healthy)
+    if args.healthz_bind_address:
+        ops.servers.append(health.serve_health(proxy, args.healthz_bind_address, args.bind_address_hard_fail))
+        listeners["healthz"] = args.healthz_bind_address
+    if args.metrics_bind_address:
+        ops.servers.append(metrics.serve_metrics(ops.metrics, args.metrics_bind_address,
+                                                 args.bind_address_hard_fail))
+        listeners["metrics"] = args.metrics_bind_address
+    return ops
+
+
+def cmd_status(args) -> int:
+    from lbctl.agent import status
+
+    return status.cmd_status(args)
 
 
 def cmd_dump_maps(args) -> int:
@@ -222,10 +277,12 @@ def cmd_cleanup(args) -> int:
                 failed.append(f"{name} mode: {exc}")
         for leftover in trace.remove_stale_pin_dirs(trace.pins_parent(args.pin_dir)):
             removed.append(f"leftover pins of a killed `lbctl trace` {leftover}")
-        source_state = dump.source_state_file(args.pin_dir)
-        if os.path.exists(source_state):
-            os.unlink(source_state)
-            removed.append(f"state file {source_state}")
+        from lbctl.agent.status import status_file
+
+        for state in (dump.source_state_file(args.pin_dir), status_file(args.pin_dir)):
+            if os.path.exists(state):
+                os.unlink(state)
+                removed.append(f"state file {state}")
         labs = []
         if not args.keep_labs:
             for path in sorted(lab.RUN_DIR.glob("lab-*.json")):
@@ -275,11 +332,19 @@ def version() -> str:
     return f"lbctl {number}"
 
 
+def _verbosity_flag(parser: argparse.ArgumentParser, default) -> None:
+    from lbctl.cli import argtypes
+
+    parser.add_argument("-v", "--v", default=default, type=argtypes.int_range(0), metavar="N",
+                        help="log verbosity, as kube-proxy's: 0 changes and problems, 2 a line per "
+                             "sync, 4 and more debugging")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lbctl.cli import argtypes, config
 
     parser = argparse.ArgumentParser(prog="lbctl", description="eBPF replacement for kube-proxy")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _verbosity_flag(parser, 0)
     parser.add_argument("--version", action="version", version=version())
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -331,7 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
                           "serving, so a restart moves no flow)")
     run.add_argument("--max-seconds", type=argtypes.positive_float, default=None,
                      help="exit after this long")
+    _verbosity_flag(run, argparse.SUPPRESS)   # `lbctl run -v 2`, as `kube-proxy -v 2`
+    from lbctl.cli import kpconfig
+    kpconfig.add_flags(run)
     run.set_defaults(func=cmd_run)
+
+    status_p = sub.add_parser("status", help="the agent's last sync, counts and errors (every mode)")
+    status_p.add_argument("--pin-dir", default=None,
+                          help="only the agent of this pin dir (default: every agent's status file)")
+    status_p.add_argument("--json", action="store_true")
+    status_p.set_defaults(func=cmd_status)
 
     dump_p = sub.add_parser("dump", help="show datapath state")
     dump_sub = dump_p.add_subparsers(dest="what", required=True)
@@ -406,14 +480,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lbctl import log as logs
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as exc:   # --help, --version, or a refused flag (argparse said why)
         return 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 2
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-5s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    logs.setup(args.v)
+    args.verbose = args.v > 0     # what `lbctl bench --modes` reads (it was `-v` alone before -v N)
+    if getattr(args, "config", None):
+        from lbctl.cli import kpconfig
+
+        try:
+            at = argv.index(args.command)
+            kpconfig.apply(args, kpconfig.subparser(parser, args.command), argv[at + 1:], argv[:at])
+        except kpconfig.ConfigError as exc:
+            log.error("lbctl %s --config: %s", args.command, exc)
+            return 2
+        logging.getLogger().setLevel(logs.V(args.v))
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
@@ -421,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lbctl dump maps | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    finally:
+        logs.flush()
 
 
 if __name__ == "__main__":
