@@ -32,12 +32,15 @@ static __always_inline int lb_xdp_meta_apply(struct __sk_buff *ctx)
 }
 
 /* XDP: room for the metadata, zeroed (no verdict yet), before anything reads the packet (the
- * helper moves data_meta and invalidates packet pointers). -1 if the driver has no room. */
+ * helper moves data_meta and invalidates packet pointers). A frame that has exactly that room
+ * already (this program run again on one buffer, as BPF_PROG_TEST_RUN's repeat does) keeps it.
+ * -1 if the driver has no room. */
 static __always_inline int lb_xdp_meta_reserve(struct xdp_md *ctx)
 {
 	struct lb_xdp_meta *meta;
 
-	if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(*meta)) < 0)
+	if (ctx->data - ctx->data_meta != sizeof(*meta) &&
+	    bpf_xdp_adjust_meta(ctx, -(int)sizeof(*meta)) < 0)
 		return -1;
 	meta = (void *)(long)ctx->data_meta;
 	if ((void *)(meta + 1) > (void *)(long)ctx->data)
