@@ -143,6 +143,10 @@
 #define LB_CFG_F_CLUSTER_CIDR 0x02    /* cluster_cidr/cluster_prefix_len hold --cluster-cidr:
 				       * ClusterIP traffic from outside it is masqueraded, and
 				       * uplink traffic from inside it is internal */
+#define LB_CFG_F_DROP_RULE 0x04       /* the constant filter rule dropping the drop mark is in
+				       * place: drops leave with the mark. Without it (never
+				       * written, or the rule could not be installed) the datapath
+				       * drops them itself, so nothing kube-proxy drops gets through */
 
 /* lb4_config: the datapath's settings, one entry (index 0) the control plane writes. All zero
  * (never written) means kube-proxy's defaults: default marks, no cluster CIDR. */
