@@ -519,15 +519,18 @@ def test_hairpin_is_rewritten_to_the_hairpin_address_and_back(datapath):
 
 
 def test_no_local_endpoints_drops_instead_of_rejecting(datapath):
-    """iTP Local without a local endpoint: the packet leaves untouched with the drop mark (the
-    constant filter rule drops it, as KUBE-MARK-DROP), other mark bits kept, counted."""
+    """iTP Local without a local endpoint: dropped; once the control plane has its constant
+    filter rule in place, by that rule (KUBE-MARK-DROP): the packet leaves untouched with the
+    drop mark, other mark bits kept. Counted either way."""
     fe = Frontend(VIP, 80, Protocol.TCP)
     e = dataclasses.replace(entry("default/web:http", fe), drop_without_backends=True)
     assert not datapath.reconciler.sync(DesiredState({fe: e})).errors
     pkt = frame(CLIENT, VIP, 40070, 80, "tcp")
+    assert run(datapath, pkt) == (TC_ACT_SHOT, pkt)
+    datapath.write_config(drop_rule=True)
     verdict, out, mark = run_with_mark(datapath.prog_fd, pkt, mark=0x1)
     assert (verdict, out, mark) == (TC_ACT_OK, pkt, 0x8001)
-    assert global_stat(datapath, "no_backend") == 1 and global_stat(datapath, "drop_itp_local") == 1
+    assert global_stat(datapath, "no_backend") == 2 and global_stat(datapath, "drop_itp_local") == 2
 
 
 def test_egress_program_translates_replies_and_nothing_else(datapath):

@@ -93,7 +93,7 @@ def through(dp, path: str, pkt: bytes) -> Out:
         verdict, data, meta = run_xdp(dp, pkt)
         assert len(meta) == shared.sizeof("lb_xdp_meta"), "XDP always reserves its metadata"
         magic, mark = struct.unpack("<II", meta)
-        if magic == shared.const("LB_XDP_META_MAGIC"):
+        if magic == shared.const("LB_XDP_META_MAGIC") or verdict != XDP_PASS:
             return Out(VERDICT["xdp", verdict], data, mark, xdp_decided=True)
         assert (verdict, data, mark) == (XDP_PASS, bytes(pkt), 0), "left to tc: untouched, no mark"
         pkt = data
@@ -115,6 +115,28 @@ def addresses(data: bytes) -> tuple[str, int, str, int]:
 
 
 paths = pytest.mark.parametrize("path", ["xdp", "tc"])
+
+
+@pytest.fixture(autouse=True)
+def drop_rule(datapath):
+    """The control plane has installed the constant drop rule: drops leave as marks."""
+    datapath.write_config(drop_rule=True)
+
+
+# --- drops before the drop rule is in place -----------------------------------------------------
+
+@paths
+def test_without_the_drop_rule_the_datapath_drops_itself(datapath, path):
+    """Never configured (or the rule could not be installed): every drop reason drops here,
+    counted as with the rule, so nothing kube-proxy drops gets through meanwhile."""
+    datapath.write_config()
+    put(datapath, NODE, 30080, "tcp", F["NODEPORT"] | F["ETP_LOCAL"] | F["DROP"], 1, [])
+    put(datapath, CLUSTER_IP, 80, "tcp", F["CLUSTERIP"] | F["DROP"], 2, [])
+    put(datapath, LB_IP, 80, "tcp", F["LOADBALANCER"] | F["SOURCE_RANGES"], 3, [(1, f"{LOCAL_B}:8080")])
+    for dst, port in ((NODE, 30080), (CLUSTER_IP, 80), (LB_IP, 80)):
+        out = through(datapath, path, frame(OUTSIDE, dst, 40090, port))
+        assert (out.verdict, out.mark) == ("drop", 0), dst
+    assert [global_stat(datapath, f"drop_{r}") for r in ("etp_local", "itp_local", "source_range")] == [1, 1, 1]
 
 
 # --- NodePort from outside ---------------------------------------------------------------------
@@ -196,7 +218,7 @@ def test_etp_local_internal_traffic_uses_the_cluster_wide_scope(datapath, path):
         scope=shared.const("LB_SCOPE_INTERNAL"))
     pkt = frame(OTHER_POD, NODE, 40012, 30080)
     assert through(datapath, path, pkt).mark == DROP
-    datapath.write_config(cluster_cidr=CLUSTER_CIDR)
+    datapath.write_config(cluster_cidr=CLUSTER_CIDR, drop_rule=True)
     out = through(datapath, path, frame(OTHER_POD, NODE, 40013, 30080))
     assert (out.verdict, out.mark) == ("pass", 0)
     assert addresses(out.data) == (OTHER_POD, 40013, REMOTE_B, 8080)
@@ -418,7 +440,8 @@ def three_namespaces():
         sh("iptables", "-w", "-A", "FORWARD", "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP", ns=NODE_NS)
         sh("iptables", "-w", "-t", "nat", "-A", "POSTROUTING", "-m", "mark", "--mark", f"{MASQ:#x}/{MASQ:#x}",
            "-j", "MASQUERADE", "--random-fully", ns=NODE_NS)
-        sh("iptables", "-w", "-A", "FORWARD", "-m", "mark", "--mark", f"{DROP:#x}/{DROP:#x}", "-j", "DROP", ns=NODE_NS)
+        for chain in ("INPUT", "FORWARD"):
+            sh("iptables", "-w", "-A", chain, "-m", "mark", "--mark", f"{DROP:#x}/{DROP:#x}", "-j", "DROP", ns=NODE_NS)
         yield
     finally:
         for ns in (NODE_NS, CLIENT_NS, POD_NS):
@@ -459,9 +482,15 @@ def socket_in_ns(ns: str) -> socket.socket:
     return socket_in(ns, kind=socket.SOCK_STREAM)
 
 
-def ask(port: int) -> str:
+def dropped_by_the_mark_rule() -> int:
+    """Packets the node's INPUT rule for the drop mark has dropped."""
+    out = sh("iptables", "-w", "-L", "INPUT", "-v", "-x", "-n", ns=NODE_NS)
+    return sum(int(line.split()[0]) for line in out.splitlines() if "mark match" in line)
+
+
+def ask(port: int, timeout: float = 5) -> str:
     client = socket_in_ns(CLIENT_NS)
-    client.settimeout(5)
+    client.settimeout(timeout)
     try:
         client.connect((N_ADDR, port))
         return client.recv(64).decode()
@@ -477,9 +506,13 @@ def test_attached_uplink_serves_nodeports_with_marks(datapath, three_namespaces,
     (XDP native on a veth, generic, or tc alone): eTP Local keeps the client's address; eTP
     Cluster's mark (XDP's metadata, put on the skb by tc) makes the constant rule masquerade
     it, so the pod sees the node; the reply is translated at uplink egress after netfilter
-    undid the masquerade. The node drops conntrack-INVALID packets and runs rp_filter=1."""
+    undid the masquerade; no endpoints: a RST; eTP Local without a local endpoint: the drop
+    mark, dropped by the node's rule. The node drops conntrack-INVALID packets and runs
+    rp_filter=1."""
     put(datapath, N_ADDR, 30080, "tcp", F["NODEPORT"] | F["ETP_LOCAL"], 1, [(1, f"{P_ADDR}:8080")])
     put(datapath, N_ADDR, 30081, "tcp", F["NODEPORT"], 2, [(1, f"{P_ADDR}:8080")])
+    put(datapath, N_ADDR, 30082, "tcp", F["NODEPORT"], 3, [])
+    put(datapath, N_ADDR, 30083, "tcp", F["NODEPORT"] | F["ETP_LOCAL"] | F["DROP"], 4, [])
 
     def attach():
         from pyroute2 import IPRoute
@@ -503,6 +536,12 @@ def test_attached_uplink_serves_nodeports_with_marks(datapath, three_namespaces,
         with echo_peer_server(8080):
             assert ask(30080) == C_ADDR, "eTP Local: the client's own address"
             assert ask(30081) == N_POD_ADDR, "eTP Cluster: masqueraded to the node"
+        with pytest.raises(ConnectionRefusedError):
+            ask(30082)                      # no endpoints: the RST tc sends back out of the uplink
+        before = dropped_by_the_mark_rule()
+        with pytest.raises(TimeoutError):
+            ask(30083, timeout=0.3)         # eTP Local, none here: the mark, then the rule
+        assert dropped_by_the_mark_rule() > before
         assert global_stat(datapath, "masquerade") >= 1 and global_stat(datapath, "revnat") >= 2
     finally:
         assert in_ns(NODE_NS, detach) == bpfsys.XDP_ATTACHED_NONE

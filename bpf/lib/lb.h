@@ -6,7 +6,8 @@
  *
  * Marks, not drops: a packet kube-proxy would drop (eTP/iTP Local without a local endpoint, a
  * source outside loadBalancerSourceRanges) leaves untouched with the drop mark, and one
- * constant filter rule drops it (KUBE-MARK-DROP); one kube-proxy would masquerade leaves DNATed
+ * constant filter rule drops it (KUBE-MARK-DROP), once the control plane has said that rule is
+ * in place (LB_CFG_F_DROP_RULE; until then it is dropped here); one kube-proxy would masquerade leaves DNATed
  * with the masquerade mark, and one constant POSTROUTING rule masquerades it. The caller puts
  * lb4_verdict.mark on the skb (tc) or in the metadata (XDP). */
 #ifndef LBCTL_LB_H
@@ -42,6 +43,17 @@ static __always_inline __u32 lb4_masq_mark(const struct lb4_config *cfg)
 static __always_inline __u32 lb4_drop_mark(const struct lb4_config *cfg)
 {
 	return cfg && cfg->drop_mark ? cfg->drop_mark : LB_MARK_DROP_DEFAULT;
+}
+
+/* A packet kube-proxy drops: it leaves with the drop mark for the constant filter rule, or,
+ * until the control plane says that rule is in place (LB_CFG_F_DROP_RULE), is dropped here. */
+static __always_inline int lb4_drop(const struct lb4_config *cfg, struct lb4_verdict *v)
+{
+	if (cfg && (cfg->flags & LB_CFG_F_DROP_RULE)) {
+		v->mark |= lb4_drop_mark(cfg);
+		return CTX_ACT_OK;
+	}
+	return CTX_ACT_DROP;
 }
 
 /* The source is in --cluster-cidr (never, when none is configured). */
@@ -220,8 +232,7 @@ static __always_inline int lb4_no_endpoints(struct __ctx_buff *ctx, const struct
 		lb_count(LB_STAT_DROP_ETP_LOCAL);
 	else
 		lb_count(LB_STAT_DROP_ITP_LOCAL);
-	v->mark |= lb4_drop_mark(cfg);
-	return CTX_ACT_OK;
+	return lb4_drop(cfg, v);
 }
 
 /* A packet to a frontend (`svc`: a stack copy of slot 0 of the scope `frontend` names;
@@ -352,8 +363,7 @@ static __always_inline int lb4_frontend_packet(struct __ctx_buff *ctx, const str
 		LB_TRACE_SET(service_id, service.service_id);
 		lb_count(LB_STAT_DROP_SOURCE_RANGE);
 		lb_account(service.service_id, 0, ctx_len(ctx), 0);
-		v->mark |= lb4_drop_mark(cfg);
-		return CTX_ACT_OK;
+		return lb4_drop(cfg, v);
 	}
 	if ((flags & LB_SVC_F_TWO_SCOPES) && lb4_internal_source(cfg, pkt, origin)) {
 		frontend.scope = LB_SCOPE_INTERNAL;

@@ -9,7 +9,7 @@
  * where INVALID is dropped), strict rp_filter checks the client's source on this link, the
  * masquerade rule sees the mark, and routing picks the backend's link or node.
  * Drops are marks too (the constant filter rule drops them), so that every mode drops in one
- * place; rejects (a RST or ICMP error built in place) are left to tc, which has the skb to send
+ * place (XDP_DROP here only while the control plane has not said the rule is there); rejects (a RST or ICMP error built in place) are left to tc, which has the skb to send
  * it back (XDP_TX on a veth needs its peer in NAPI mode). Replies are not XDP's: see
  * lb_tc_uplink_egress. */
 #include <uapi/linux/bpf.h>

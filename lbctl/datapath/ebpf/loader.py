@@ -31,7 +31,8 @@ The API the mode uses for uplinks::
     result.notes                            # why a mode was refused, tc pref moves: to log
     uplink_mode(ipr, ifindex, cfg.tc_name)  # the same, read from the kernel (dump), or None
     detach(ipr, ifindex, cfg.tc_name)       # tc filters and our XDP program, any link
-    dp.write_config(cluster_cidr=..., masquerade_all=..., masq_mark=..., drop_mark=...)
+    dp.write_config(cluster_cidr=..., masquerade_all=..., masq_mark=..., drop_mark=...,
+                    drop_rule=True)         # once the constant drop rule is installed
 """
 from __future__ import annotations
 
@@ -225,11 +226,16 @@ class EbpfDatapath:
 
     def write_config(self, cluster_cidr: str | None = None, masquerade_all: bool = False,
                      masq_mark: int = shared.const("LB_MARK_MASQ_DEFAULT"),
-                     drop_mark: int = shared.const("LB_MARK_DROP_DEFAULT")) -> None:
+                     drop_mark: int = shared.const("LB_MARK_DROP_DEFAULT"),
+                     drop_rule: bool = False) -> None:
         """Sets the datapath's settings (lb4_config): --cluster-cidr (IPv4, or None),
-        --masquerade-all, and the two mark bits. Takes effect on the next packet."""
+        --masquerade-all, the two mark bits, and `drop_rule`: the constant filter rule dropping
+        `drop_mark` is installed (in INPUT and FORWARD: a NodePort's drop is local, a ClusterIP's
+        forwarded), so drops may leave as marks; False (and before the first call) the datapath
+        drops them itself. Set it after installing the rule, clear it before removing the rule.
+        Takes effect on the next packet."""
         self.maps["lb4_config"].update(shared.u32(0), shared.config_value(
-            cluster_cidr, masquerade_all, masq_mark, drop_mark))
+            cluster_cidr, masquerade_all, masq_mark, drop_mark, drop_rule))
 
     def close(self) -> None:
         for m in self.maps.values():

@@ -139,10 +139,12 @@ def backend_value(address: str, port: int, proto: int, flags: int = 0) -> bytes:
 
 
 def config_value(cluster_cidr: str | None = None, masquerade_all: bool = False,
-                 masq_mark: int = 0, drop_mark: int = 0) -> bytes:
+                 masq_mark: int = 0, drop_mark: int = 0, drop_rule: bool = False) -> bytes:
     """lb4_config: --cluster-cidr (IPv4 network, or None), --masquerade-all, the mark bits
-    (0: the defaults, LB_MARK_*_DEFAULT)."""
-    flags = const("LB_CFG_F_MASQUERADE_ALL") if masquerade_all else 0
+    (0: the defaults, LB_MARK_*_DEFAULT), and whether the filter rule dropping the drop mark is
+    in place (else the datapath drops those packets itself)."""
+    flags = (const("LB_CFG_F_MASQUERADE_ALL") if masquerade_all else 0) | \
+        (const("LB_CFG_F_DROP_RULE") if drop_rule else 0)
     values = {"flags": flags, "masq_mark": masq_mark, "drop_mark": drop_mark}
     if cluster_cidr is not None:
         net = ipaddress.IPv4Network(cluster_cidr, strict=False)

@@ -433,7 +433,9 @@ def _explain_service(pin_dir: str, t: Trace, step: Step) -> None:
         t.notes.append(f"leaves with the masquerade mark ({step.mark:#x}): lbctl's POSTROUTING rule "
                        "masquerades the source, as kube-proxy's KUBE-POSTROUTING")
     dropped_by_mark = (f": leaves untouched with the drop mark ({step.mark:#x}), which lbctl's "
-                       "filter rule drops (kube-proxy's KUBE-MARK-DROP)")
+                       "filter rule drops (kube-proxy's KUBE-MARK-DROP)" if step.mark else
+                       ": dropped by the datapath (the control plane has not said its drop rule "
+                       "is in place)")
     if step.has("source_range_drop"):
         t.decision, t.reason = "drop", "source outside the service's loadBalancerSourceRanges" + dropped_by_mark
         return
