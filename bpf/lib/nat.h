@@ -22,22 +22,17 @@ static __always_inline __u32 lb4_l4_csum_off(const struct lb4_packet *pkt)
 static __always_inline int lb4_csum_partial(struct __ctx_buff *ctx, const struct lb4_packet *pkt)
 {
 #if CTX_DIRECT_CSUM
-	struct { __be32 saddr, daddr; __u8 zero, proto; __be16 len; } ph = {
-		.saddr = pkt->saddr, .daddr = pkt->daddr, .proto = pkt->proto,
-		.len = bpf_htons(pkt->ip_len - pkt->ihl),
-	};
 	void *data = ctx_data(ctx);
 	__u16 *field;
 	__u32 off = lb4_l4_csum_off(pkt);
-	__s64 sum;
+	/* the pseudo header's words as they lie in memory: addresses, {0, proto}, L4 length */
+	__u32 sum = lb_csum_words(pkt->saddr, 4) + lb_csum_words(pkt->daddr, 4) +
+		    bpf_htons(pkt->proto) + bpf_htons(pkt->ip_len - pkt->ihl);
 
 	if (off > 0xffff)
 		return 0;
 	field = data + off;
 	if ((void *)(field + 1) > ctx_data_end(ctx) || *field == 0)
-		return 0;
-	sum = bpf_csum_diff(0, 0, (__be32 *)&ph, sizeof(ph), 0);
-	if (sum < 0)
 		return 0;
 	return *field == (__u16)~lb_csum_fold(sum);
 #else

@@ -69,36 +69,37 @@ static __always_inline int ctx_store_bytes(struct xdp_md *ctx, __u32 off, const 
 	return 0;
 }
 
-/* ~(~HC + ~m + m') (RFC 1624 eqn. 3) for a 2- or 4-byte field, through bpf_csum_diff (which
- * wants whole words: a 16-bit value sits in a zeroed word, adding nothing to the sum). */
+/* The one's complement sum of a 2- or 4-byte field's 16-bit words, as they lie in memory (the
+ * sum does not care about byte order, as long as the checksum is read the same way). */
+static __always_inline __u32 lb_csum_words(__u32 value, __u32 size)
+{
+	return size == 2 ? (value & 0xffff) : (value & 0xffff) + (value >> 16);
+}
+
+/* ~(~HC + ~m + m') (RFC 1624 eqn. 3) for a 2- or 4-byte field, in plain arithmetic (no helper
+ * call: at most five 16-bit words, folded by lb_csum_fold). A partial checksum (a pseudo-header
+ * sum) is updated without the complements: HC + ~m + m'. */
 static __always_inline int lb_xdp_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from, __u32 to,
 					       __u32 size, int mangled_0, int partial)
 {
 	void *data = ctx_data(ctx);
 	void *data_end = ctx_data_end(ctx);
 	__u16 *csum;
-	__u32 old_word = size == 2 ? (__u16)from : from;
-	__u32 new_word = size == 2 ? (__u16)to : to;
-	__s64 sum;
+	__u32 sum;
 
-	if (off > 0xffff)
+	if (off > 0xffff || (size != 2 && size != 4))
 		return -1;
 	csum = data + off;
 	if ((void *)(csum + 1) > data_end)
 		return -1;
 	if (mangled_0 && *csum == 0)    /* UDP without checksum stays without */
 		return 0;
-	if (partial) {                  /* a pseudo-header sum: plain one's complement arithmetic */
-		sum = bpf_csum_diff(&old_word, 4, &new_word, 4, *csum);
-		if (sum < 0)
-			return -1;
-		*csum = ~lb_csum_fold(sum);
+	sum = lb_csum_words(~from, size) + lb_csum_words(to, size);
+	if (partial) {
+		*csum = ~lb_csum_fold(sum + *csum);
 		return 0;
 	}
-	sum = bpf_csum_diff(&old_word, 4, &new_word, 4, ~((__u32)*csum) & 0xffff);
-	if (sum < 0)
-		return -1;
-	*csum = lb_csum_fold(sum);
+	*csum = lb_csum_fold(sum + (__u16)~*csum);
 	if (mangled_0 && *csum == 0)
 		*csum = 0xffff;             /* 0 means "no checksum" in UDP (RFC 768) */
 	return 0;
