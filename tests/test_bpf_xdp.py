@@ -546,3 +546,47 @@ def test_attached_uplink_serves_nodeports_with_marks(datapath, three_namespaces,
     finally:
         assert in_ns(NODE_NS, detach) == bpfsys.XDP_ATTACHED_NONE
 
+
+
+@pytest.mark.netns
+def test_attach_falls_back_from_native_to_generic_to_tc(datapath):
+    """A device without native XDP (a bridge) gets generic XDP, and the refusal is a note; one
+    that holds another tool's XDP program keeps it and is served by tc alone; detaching ours
+    leaves theirs."""
+    from bcc import BPF
+    ns = f"{NS}-fb"
+    sh("ip", "netns", "add", ns)
+    other = BPF(text=b"int other_xdp(struct xdp_md *ctx) { return 2; }")
+    try:
+        other_fd = other.load_func(b"other_xdp", BPF.XDP).fd
+        for name in ("br0", "br1"):
+            sh("ip", "link", "add", name, "type", "bridge", ns=ns)
+            sh("ip", "link", "set", name, "up", ns=ns)
+
+        def scenario():
+            from pyroute2 import IPRoute
+            with IPRoute() as ipr:
+                br0, br1 = (ipr.link_lookup(ifname=n)[0] for n in ("br0", "br1"))
+                first = ebpf.attach_uplink(ipr, br0, datapath, datapath.cfg.tc_name)
+                bpfsys.xdp_attach(br1, other_fd, bpfsys.XDP_FLAGS_SKB_MODE)
+                second = ebpf.attach_uplink(ipr, br1, datapath, datapath.cfg.tc_name)
+                modes = (ebpf.uplink_mode(ipr, br0, datapath.cfg.tc_name),
+                         ebpf.uplink_mode(ipr, br1, datapath.cfg.tc_name))
+                again = ebpf.attach_uplink(ipr, br0, datapath, datapath.cfg.tc_name)   # a restart
+                off = ebpf.attach_uplink(ipr, br0, datapath, datapath.cfg.tc_name, xdp="off")
+                for index in (br0, br1):
+                    ebpf.detach(ipr, index, datapath.cfg.tc_name)
+                left = (bpfsys.xdp_query(br0).mode, bpfsys.xdp_query(br1).skb_prog_id)
+                bpfsys.xdp_detach(br1, bpfsys.XDP_FLAGS_SKB_MODE)
+                return first, second, modes, again, off, left
+
+        first, second, modes, again, off, left = in_ns(ns, scenario)
+        assert first.mode == ebpf.MODE_XDP_GENERIC
+        assert any(n.startswith(f"{ebpf.MODE_XDP_NATIVE} refused") for n in first.notes), first.notes
+        assert second.mode == ebpf.MODE_TC and any("another XDP program" in n for n in second.notes)
+        assert modes == (ebpf.MODE_XDP_GENERIC, ebpf.MODE_TC)
+        assert again.mode == ebpf.MODE_XDP_GENERIC and off.mode == ebpf.MODE_TC
+        assert left[0] == bpfsys.XDP_ATTACHED_NONE and left[1] != 0, "theirs stays, ours is gone"
+    finally:
+        other.cleanup()
+        subprocess.run(["ip", "netns", "del", ns], check=False)
