@@ -7,9 +7,9 @@
  * Marks, not drops: a packet kube-proxy would drop (eTP/iTP Local without a local endpoint, a
  * source outside loadBalancerSourceRanges) leaves untouched with the drop mark, and one
  * constant filter rule drops it (KUBE-MARK-DROP), once the control plane has said that rule is
- * in place (LB_CFG_F_DROP_RULE; until then it is dropped here); one kube-proxy would masquerade leaves DNATed
- * with the masquerade mark, and one constant POSTROUTING rule masquerades it. The caller puts
- * lb4_verdict.mark on the skb (tc) or in the metadata (XDP). */
+ * in place (LB_CFG_F_DROP_RULE; until then it is dropped here). One kube-proxy would
+ * masquerade leaves DNATed with the masquerade mark, and one constant POSTROUTING rule
+ * masquerades it. The caller puts lb4_verdict.mark on the skb (tc) or in the metadata (XDP). */
 #ifndef LBCTL_LB_H
 #define LBCTL_LB_H
 
