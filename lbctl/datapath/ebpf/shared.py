@@ -36,7 +36,8 @@ typedef uint32_t __be32;
 """
 
 STRUCTS = ("lb4_service_key", "lb4_service_value", "lb4_backend", "lb4_ct_key", "lb4_ct_value",
-           "lb4_affinity_key", "lb4_affinity_value", "lb_stats", "lb4_trace_result")
+           "lb4_affinity_key", "lb4_affinity_value", "lb_stats", "lb4_trace_result", "lb4_config",
+           "lb4_source_range_key", "lb_xdp_meta")
 
 
 def _cdef_source(text: str) -> str:
@@ -135,6 +136,28 @@ def service_value(backend_id: int = 0, count: int = 0, flags: int = 0, service_i
 
 def backend_value(address: str, port: int, proto: int, flags: int = 0) -> bytes:
     return new("lb4_backend", address=be32(address), port=be16(port), proto=proto, flags=flags)
+
+
+def config_value(cluster_cidr: str | None = None, masquerade_all: bool = False,
+                 masq_mark: int = 0, drop_mark: int = 0, drop_rule: bool = False) -> bytes:
+    """lb4_config: --cluster-cidr (IPv4 network, or None), --masquerade-all, the mark bits
+    (0: the defaults, LB_MARK_*_DEFAULT), and whether the filter rule dropping the drop mark is
+    in place (else the datapath drops those packets itself)."""
+    flags = (const("LB_CFG_F_MASQUERADE_ALL") if masquerade_all else 0) | \
+        (const("LB_CFG_F_DROP_RULE") if drop_rule else 0)
+    values = {"flags": flags, "masq_mark": masq_mark, "drop_mark": drop_mark}
+    if cluster_cidr is not None:
+        net = ipaddress.IPv4Network(cluster_cidr, strict=False)
+        values.update(cluster_cidr=be32(str(net.network_address)), cluster_prefix_len=net.prefixlen,
+                      flags=flags | const("LB_CFG_F_CLUSTER_CIDR"))
+    return new("lb4_config", **values)
+
+
+def source_range_key(service_id: int, cidr: str) -> bytes:
+    """lb4_source_ranges key of one loadBalancerSourceRanges prefix of a service (value: 1)."""
+    net = ipaddress.IPv4Network(cidr, strict=False)
+    return new("lb4_source_range_key", prefixlen=32 + net.prefixlen, service_id=service_id,
+               address=be32(str(net.network_address)))
 
 
 def u32(value: int) -> bytes:
