@@ -57,6 +57,11 @@ class Service:
     health_check_node_port: int | None = None
     has_selector: bool = False
     origin: str = ""                              # where it came from (file name), for messages
+    # Annotations lbctl.io/lb-algorithm (random | maglev) and lbctl.io/maglev-table-size:
+    # Maglev consistent hashing with a table of this many slots (a prime); 0: the node's
+    # default size (--maglev-table-size). Only the eBPF datapath reads them.
+    load_balancing: str = "random"
+    maglev_table_size: int = 0
 
     @property
     def key(self) -> str:
@@ -188,6 +193,8 @@ class ServiceEntry:
     # their established TCP flows keep going, as with kube-proxy's conntrack. Never UDP.
     draining: tuple[Backend, ...] = ()
     affinity_timeout: int = 0              # sessionAffinity ClientIP timeout (s); 0: none
+    maglev_table_size: int = 0             # Maglev consistent hashing over a table of this
+                                           # many slots (prime); 0: uniform random choice
     drop_without_backends: bool = False    # no backends: drop (iTP Local) instead of reject
 
 
@@ -198,3 +205,13 @@ class DesiredState:
     @property
     def backends(self) -> frozenset[Backend]:
         return frozenset(b for s in self.services.values() for b in s.backends)
+
+
+def is_prime(n: int) -> bool:
+    """Maglev table sizes must be prime (every skip then visits every slot): trial division,
+    enough for sizes up to 131071."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    return all(n % d for d in range(3, int(n ** 0.5) + 1, 2))
