@@ -11,9 +11,11 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from lbctl.model.addresses import parse_cidr_sloppy, parse_ip_sloppy
 from lbctl.model.objects import (
+    MAGLEV_DEFAULT_TABLE_SIZE,
     Backend,
     ClusterSnapshot,
     DesiredState,
@@ -65,7 +67,8 @@ class NodeAddresses:
 
 def desired_state(ports: Iterable[ServicePortInfo], node_name: str | None = None,
                   holders: Mapping[Frontend, str] | None = None,
-                  node: NodeAddresses | None = None) -> tuple[DesiredState, tuple[Problem, ...]]:
+                  node: NodeAddresses | None = None,
+                  maglev_table_size: int = MAGLEV_DEFAULT_TABLE_SIZE) -> tuple[DesiredState, tuple[Problem, ...]]:
     """The eBPF datapath's frontends: one ``ServiceEntry`` per IPv4 address, port and protocol
     a service port answers on, of four kinds (``FrontendKind``): its cluster IP, a NodePort on
     every address of ``node.nodeport_ips``, its externalIPs and its load-balancer ingress IPs.
@@ -114,7 +117,7 @@ def desired_state(ports: Iterable[ServicePortInfo], node_name: str | None = None
                                          f"supported by the eBPF datapath yet; skipped"))
         if not any(_ipv4(ip) for ip in service.cluster_ips):
             continue
-        for new in _entries(info, node_name, node):
+        for new in _entries(info, node_name, node, maglev_table_size):
             owner = entries.get(new.frontend)
             if owner is not None:
                 why = " (it is programmed)" if held.get(new.frontend) == owner.name else ""
@@ -126,15 +129,17 @@ def desired_state(ports: Iterable[ServicePortInfo], node_name: str | None = None
     return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
 
 
-def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses) -> list[ServiceEntry]:
+def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses,
+             maglev_table_size: int = MAGLEV_DEFAULT_TABLE_SIZE) -> list[ServiceEntry]:
     """Every frontend of one (IPv4, TCP/UDP) service port, ClusterIP first."""
     service, port = info.service, info.port
     policy = _policy(info, node_name)
     affinity = service.session_affinity_timeout if service.session_affinity == "ClientIP" else 0
     draining = _draining(info, policy.cluster + policy.local)
-    common = dict(name=info.name, draining=draining, affinity_timeout=affinity)
+    maglev = (service.maglev_table_size or maglev_table_size) if service.load_balancing == "maglev" else 0
+    common: dict[str, Any] = dict(name=info.name, draining=draining, affinity_timeout=affinity)
 
-    internal = ServiceEntry(frontend=Frontend("", 0, port.protocol), **common,
+    internal = ServiceEntry(frontend=Frontend("", 0, port.protocol), **common, maglev_table_size=maglev,
                             backends=policy.local if policy.internal_local else policy.cluster,
                             drop_without_backends=policy.internal_local and policy.has_endpoints)
     if policy.external_local:

@@ -238,6 +238,9 @@ class DesiredState:
         return frozenset(b for s in self.services.values() for b in (*s.backends, *(s.internal_backends or ())))
 
 
+MAGLEV_DEFAULT_TABLE_SIZE = 16381   # Cilium's default M (bpf/include/lbctl_shared.h says it too)
+
+
 def is_prime(n: int) -> bool:
     """Maglev table sizes must be prime (every skip then visits every slot): trial division,
     enough for sizes up to 131071."""

@@ -32,12 +32,14 @@ import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from lbctl.datapath.ebpf import bpfsys, shared
-from lbctl.model.objects import Backend, is_prime
+from lbctl.model.objects import Backend, ServiceEntry, is_prime
 
 MAGLEV = "lb4_maglev"
 DEFAULT_TABLE_SIZE = shared.const("LB_MAGLEV_DEFAULT_TABLE_SIZE")
 MAX_TABLE_SIZE = shared.const("LB_MAGLEV_MAX_TABLE_SIZE")
 HASH_SEED = shared.const("LB_MAGLEV_HASH_SEED")
+F_MAGLEV = shared.const("LB_SVC_F_MAGLEV")
+EXTERNAL, INTERNAL = shared.const("LB_SCOPE_EXTERNAL"), shared.const("LB_SCOPE_INTERNAL")
 NAME_KEY = b"lbctl maglev v1"   # the BLAKE2b key: changing it moves every flow of every table
 _U32 = 0xFFFFFFFF
 
@@ -208,12 +210,12 @@ class TableMap:
 
     def lookup(self, key: bytes) -> bytes | None:
         map_id = self.outer.lookup(key)
-        return None if map_id is None else self._read(shared.parse_u32(bytes(map_id)))
+        return None if not isinstance(map_id, bytes) else self._read(shared.parse_u32(map_id))
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         for key, map_id in list(self.outer.items()):
             try:
-                yield key, self._read(shared.parse_u32(bytes(map_id)))
+                yield key, self._read(shared.parse_u32(map_id))
             except OSError:   # replaced or removed since the walk listed it
                 continue
 
@@ -231,30 +233,58 @@ class TableMap:
 
 class Tables:
     """The reconciler's mirror of the Maglev tables: key -> (M, backend ids), restored from the
-    maps, changed only after a write succeeded. A table is rewritten only when M or its set of
-    backends changes: that is when it must be computed anyway."""
+    maps (a restarted agent keeps every table, so no flow moves), changed only after a write
+    succeeded. A table is rewritten only when M or its backend set changes: exactly when it
+    must be computed again. Each scope of a frontend (eTP Local has two) has its own table."""
 
     def __init__(self, tables=None):
+        if isinstance(tables, bpfsys.BpfMap):
+            tables = TableMap(tables)
         self.map = tables
         self.have: dict[bytes, tuple[int, frozenset[int]]] = {}
         if tables is not None:
             for key, value in tables.items():
                 self.have[key] = parse_table(value)
 
-    def stale(self, key: bytes, size: int, ids: Iterable[int]) -> bool:
-        return self.have.get(key) != (size, frozenset(ids))
+    @staticmethod
+    def _wanted(service_id: int, entry: ServiceEntry) -> list[tuple[bytes, tuple[Backend, ...]]]:
+        """(key, backends) of each scope that needs a table: a Maglev frontend's, with endpoints."""
+        if not entry.maglev_table_size:
+            return []
+        scopes = [(EXTERNAL, entry.backends)]
+        if entry.internal_backends is not None:
+            scopes.append((INTERNAL, entry.internal_backends))
+        return [(table_key(service_id, scope), backends) for scope, backends in scopes if backends]
 
-    def write(self, key: bytes, size: int, backends: Sequence[Backend], ids: Mapping[Backend, int]) -> None:
-        """Writes the table of a frontend scope, unless the maps hold it already. Before the
-        frontend that sets LB_SVC_F_MAGLEV, after the backends it names."""
-        want = frozenset(ids[b] for b in backends)
-        if self.map is None or not backends or self.have.get(key) == (size, want):
+    def stale(self, service_id: int, entry: ServiceEntry, ids: Mapping[Backend, int]) -> bool:
+        """Some table this frontend needs is missing or was made for other backends or size."""
+        return any(self.have.get(key) != (entry.maglev_table_size, frozenset(ids[b] for b in backends))
+                   for key, backends in self._wanted(service_id, entry))
+
+    def write(self, service_id: int, entry: ServiceEntry, ids: Mapping[Backend, int]) -> None:
+        """Writes the tables of a frontend the maps do not hold yet: after the backends they
+        name, before the frontend whose LB_SVC_F_MAGLEV makes the datapath read them."""
+        if self.map is None:
+            if entry.maglev_table_size:
+                raise OSError(2, f"no {MAGLEV} map to hold Maglev tables")
             return
-        self.map.update(key, table_value(backends, ids, size))
-        self.have[key] = (size, want)
+        size = entry.maglev_table_size
+        for key, backends in self._wanted(service_id, entry):
+            want = (size, frozenset(ids[b] for b in backends))
+            if self.have.get(key) != want:
+                self.map.update(key, table_value(backends, ids, size))
+                self.have[key] = want
 
-    def prune(self, keep: set[bytes]) -> None:
-        """Removes tables no Maglev frontend names (after the frontends were written)."""
+    def prune(self, programmed: Iterable) -> None:
+        """Removes the tables no Maglev frontend names (once the frontends are written):
+        removed services, services no longer annotated, scopes gone or without endpoints."""
+        keep = set()
+        for p in programmed:
+            if p.flags & F_MAGLEV:
+                if p.backend_ids:
+                    keep.add(table_key(p.service_id, EXTERNAL))
+                if p.internal_ids:
+                    keep.add(table_key(p.service_id, INTERNAL))
         for key in [k for k in self.have if k not in keep]:
             if self.map is not None:
                 self.map.delete(key)

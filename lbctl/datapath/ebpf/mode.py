@@ -51,7 +51,8 @@ class EbpfMode:
         _, reconciler = self._loaded()
         if ports is not None:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name,
-                                                        self._holders(reconciler))
+                                                        self._holders(reconciler),
+                                                        maglev_table_size=self.cfg.maglev_table_size)
         result = reconciler.sync(self.desired)
         if not reconciler.dirty:
             self._write_names(reconciler)

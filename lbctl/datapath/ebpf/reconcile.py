@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
-from lbctl.datapath.ebpf import decode, shared
+from lbctl.datapath.ebpf import decode, maglev, shared
 from lbctl.model.objects import Backend, DesiredState, Frontend, FrontendKind, ServiceEntry
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ KIND_FLAGS = {
     FrontendKind.LOAD_BALANCER: shared.const("LB_SVC_F_LOADBALANCER"),
 }
 EXTERNAL, INTERNAL = shared.const("LB_SCOPE_EXTERNAL"), shared.const("LB_SCOPE_INTERNAL")
+F_MAGLEV = shared.const("LB_SVC_F_MAGLEV")
 MAX_SLOTS = 0xFFFF   # lb4_service_value.count and lb4_service_key.backend_slot are u16
 RANGE_PRESENT = b"\x01"
 
@@ -86,6 +87,8 @@ def service_flags(entry: ServiceEntry) -> int:
         flags |= F_ETP_LOCAL | F_TWO_SCOPES
     if entry.source_ranges:
         flags |= F_SOURCE_RANGES
+    if entry.maglev_table_size:
+        flags |= F_MAGLEV
     return flags
 
 
@@ -199,6 +202,7 @@ class Reconciler:
         if AFFINITY in self.maps:   # left by a sync that failed before it could drop them
             in_use = {p.service_id for p in self.services.values()}
             self._forget_affinity(lambda service_id: service_id not in in_use)
+        self.maglev = maglev.Tables(self.maps.get(maglev.MAGLEV))
         self.dirty = False
 
     # --- the sync ----------------------------------------------------------------------------------
@@ -300,6 +304,7 @@ class Reconciler:
         range_deletes: list[bytes] = []
         new_ids: list[int] = []
         programmed: list[ProgrammedService] = []
+        maglev_writes: list[tuple[int, ServiceEntry]] = []
         for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
             flags = service_flags(entry)
@@ -319,7 +324,8 @@ class Reconciler:
             ranges = frozenset(entry.source_ranges)
             if old is not None and (old.backend_ids, old.internal_ids, old.affinity_timeout, old.flags,
                                     old.source_ranges) == (ids, internal_ids, entry.affinity_timeout,
-                                                           flags, ranges):
+                                                           flags, ranges) and not self.maglev.stale(
+                                                               old.service_id, entry, self.backend_ids):
                 continue
             if old is None:
                 try:
@@ -350,9 +356,12 @@ class Reconciler:
             surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
             if internal_ids is None and old is not None and old.internal_ids is not None:
                 surplus += [_frontend_key(fe, slot, INTERNAL) for slot in range(len(old.internal_ids) + 1)]
+            maglev_writes.append((service_id, entry))
             programmed.append(ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags,
                                                 internal_ids, ranges))
         self._zero(SERVICE_STATS, new_ids)
+        for service_id, entry in maglev_writes:   # tables before the frontends that name them
+            self.maglev.write(service_id, entry, self.backend_ids)
         if range_writes or range_deletes:
             if SOURCE_RANGES not in self.maps:
                 raise OSError(2, f"no {SOURCE_RANGES} map to hold loadBalancerSourceRanges")
@@ -367,6 +376,7 @@ class Reconciler:
             self.maps[SOURCE_RANGES].delete_batch(range_deletes)
         for p in programmed:   # the mirror follows the maps, once they hold it
             self.services[p.frontend] = p
+        self.maglev.prune(self.services.values())   # tables no Maglev frontend names any more
 
         # 4. backends: those in no slot but still draining established flows are flagged (no
         #    new flow, no affinity); the rest no slot names any more are deleted (their flows
