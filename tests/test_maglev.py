@@ -235,7 +235,7 @@ def test_table_is_rewritten_only_when_backends_or_size_change():
     r = Reconciler(m, 100, 100)
     bs = backends(5)
     r.sync(state(maglev_entry(bs)))
-    writes = lambda: [op for op, _ in m[maglev.MAGLEV].log]  # noqa: E731
+    writes = lambda: [op for op, _ in m[maglev.MAGLEV].log]
     r.sync(state(maglev_entry(list(reversed(bs)))))
     assert writes() == ["update"]
     r.sync(state(maglev_entry(bs[:4])))

@@ -78,23 +78,18 @@ def populate(names: tuple[str, ...], size: int) -> tuple[int, ...]:
     """Algorithm 1 of the paper: slot -> index into ``names`` (backends take turns in this
     order). Cached: frontends of one service port share their backends, and a table is 64 KiB.
 
-    Backend i's next pick is the free slot it ranks first, since every slot it ranks earlier
-    was full when it passed it. The paper walks each permutation until a free slot comes up,
-    which costs about M/E probes once E slots are left: the last 1% of the table would take
-    half the time. So once the table is 7/8 full (or earlier with many backends), the free
-    slots are sorted by each backend's ranking (numpy) and the turns go on over those short
-    lists, which holds the work to about twice M probes: the same table, 3x faster.
+    Each backend's permutation is walked incrementally (no list of M candidates per backend):
+    about 5 ms for 10 backends at M = 16381 on the development VM, most of it the M turns
+    themselves (sorting the last free slots by each backend's ranking, to skip the long walks
+    at the end, saved under 10%: not worth the code).
     """
     n = len(names)
     perms = [offset_skip(name, size) for name in names]
     entry = [-1] * size
     nexts = [offset for offset, _ in perms]
     skips = [skip for _, skip in perms]
-    rerank = max(1, min(size // 8, 2 * size // n))   # free slots left when lists take over
-    filled, turn = 0, 0
-    # The walk over permutations, slot by slot (the paper's loop, incrementally: no lists).
-    stop = size - rerank
-    while filled < stop:
+    turn = 0
+    for _ in range(size):
         c, skip = nexts[turn], skips[turn]
         while entry[c] >= 0:
             c += skip
@@ -103,36 +98,8 @@ def populate(names: tuple[str, ...], size: int) -> tuple[int, ...]:
         entry[c] = turn
         c += skip
         nexts[turn] = c - size if c >= size else c
-        filled += 1
         turn = turn + 1 if turn + 1 < n else 0
-    if filled < size:
-        _fill_ranked(entry, perms, size, filled, turn)
     return tuple(entry)
-
-
-def _fill_ranked(entry: list[int], perms: list[tuple[int, int]], size: int, filled: int, turn: int) -> None:
-    """The rest of Algorithm 1 over the free slots, each backend's list sorted by its own
-    ranking: slot c is ``(c - offset) * skip^-1 (mod M)``-th in backend's permutation. Lists
-    are rebuilt whenever 7/8 of their slots are taken, so a walk never skips far."""
-    import numpy as np
-
-    n = len(perms)
-    offsets = np.array([offset for offset, _ in perms], dtype=np.int64)[:, None]
-    inverses = np.array([pow(skip, -1, size) for _, skip in perms], dtype=np.int64)[:, None]
-    while filled < size:
-        free = np.flatnonzero(np.array(entry) < 0)
-        ranks = (free[None, :] - offsets) * inverses % size
-        lists = free[np.argsort(ranks, axis=1)].tolist()
-        at = [0] * n
-        stop = size - len(free) // 8
-        while filled < stop:
-            row, j = lists[turn], at[turn]
-            while entry[row[j]] >= 0:
-                j += 1
-            entry[row[j]] = turn
-            at[turn] = j + 1
-            filled += 1
-            turn = turn + 1 if turn + 1 < n else 0
 
 
 def table_value(backends: Sequence[Backend], ids: Mapping[Backend, int], size: int) -> bytes:
