@@ -15,7 +15,9 @@ Cilium's order, in which a packet never sees a half-made service:
      (slot 0, holding the count and the flags that make the internal scope and the ranges
      reachable) last, then slots beyond the new counts, an internal scope no longer flagged,
      and the ranges it lost (while they change, a source in the old or the new ranges is let
-     in: never one in both refused);
+     in: never one in both refused). Maglev tables (lb4_maglev, maglev.py) are written
+     before any of that, after the backends they name; those no Maglev frontend names any
+     more are removed after the frontends;
   4. backends no longer named by any slot.
 
 A service that cannot be programmed (no free id, too many endpoints) is reported in the result
