@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from lbctl.model.desired import desired_state, service_ports
+from lbctl.model.desired import NodeAddresses, desired_state, service_ports
 from lbctl.model.objects import (
     Backend,
     ClusterSnapshot,
@@ -68,19 +68,61 @@ def info(service: Service, port: ServicePort | None = None, *endpoints: Endpoint
 # --- the fixtures end to end -----------------------------------------------------------------
 
 
+def frontends(state: DesiredState) -> list[str]:
+    """Every frontend with its kind, both slot sets, drop or reject, and source ranges."""
+    def slots(backends, drop):
+        return " ".join(map(str, backends)) or ("DROP" if drop else "REJECT")
+    lines = []
+    for fe, entry in state.services.items():
+        line = f"{fe} {entry.kind.value} {entry.name} -> {slots(entry.backends, entry.drop_without_backends)}"
+        if entry.internal_backends is not None:
+            line += f" | internal -> {slots(entry.internal_backends, False)}"
+        if entry.source_ranges:
+            line += f" | from {' '.join(entry.source_ranges)}"
+        lines.append(line)
+    return lines
+
+
+NODE = NodeAddresses(nodeport_ips=("127.0.0.1", "172.18.0.2"), node_ip="172.18.0.2")
+
+
 def test_fixture_manifests_golden():
-    """kube-dns (named UDP+TCP ports), the seed's nginx NodePort, mysql-kevin (legacy Endpoints)."""
-    state, problems = desired_state(service_ports(load_manifests(FIXTURES)))
+    """kube-dns (named UDP+TCP ports), the seed's nginx NodePort, mysql-kevin (legacy Endpoints),
+    shop/web (LoadBalancer, eTP Local, externalIPs, source ranges) seen from its endpoints' node."""
+    state, problems = desired_state(service_ports(load_manifests(FIXTURES)), "worker-3", node=NODE)
     assert problems == ()
-    assert dump(state) == [
-        "10.102.19.139:80/TCP default/nginx -> 10.244.169.147:80/TCP 10.244.36.124:80/TCP 10.244.36.125:80/TCP",
-        "10.254.125.157:3306/TCP default/mysql-kevin -> 172.16.60.55:3306/TCP",
-        "10.96.0.10:53/TCP kube-system/kube-dns:dns-tcp -> 10.244.0.5:53/TCP 10.244.1.7:53/TCP",
-        "10.96.0.10:53/UDP kube-system/kube-dns:dns -> 10.244.0.5:53/UDP 10.244.1.7:53/UDP",
-        "10.96.0.10:9153/TCP kube-system/kube-dns:metrics -> 10.244.0.5:9153/TCP 10.244.1.7:9153/TCP",
-        "10.96.100.20:80/TCP shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP",
-        "10.96.100.20:443/TCP shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP",
+    assert frontends(state) == [
+        "10.102.19.139:80/TCP ClusterIP default/nginx -> 10.244.169.147:80/TCP 10.244.36.124:80/TCP 10.244.36.125:80/TCP",
+        "10.254.125.157:3306/TCP ClusterIP default/mysql-kevin -> 172.16.60.55:3306/TCP",
+        "10.96.0.10:53/TCP ClusterIP kube-system/kube-dns:dns-tcp -> 10.244.0.5:53/TCP 10.244.1.7:53/TCP",
+        "10.96.0.10:53/UDP ClusterIP kube-system/kube-dns:dns -> 10.244.0.5:53/UDP 10.244.1.7:53/UDP",
+        "10.96.0.10:9153/TCP ClusterIP kube-system/kube-dns:metrics -> 10.244.0.5:9153/TCP 10.244.1.7:9153/TCP",
+        "10.96.100.20:80/TCP ClusterIP shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP",
+        "10.96.100.20:443/TCP ClusterIP shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP",
+        "127.0.0.1:30601/TCP NodePort default/nginx -> 10.244.169.147:80/TCP 10.244.36.124:80/TCP 10.244.36.125:80/TCP",
+        "127.0.0.1:31080/TCP NodePort shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP"
+        " | internal -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP",
+        "127.0.0.1:31443/TCP NodePort shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP"
+        " | internal -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP",
+        "172.18.0.2:30601/TCP NodePort default/nginx -> 10.244.169.147:80/TCP 10.244.36.124:80/TCP 10.244.36.125:80/TCP",
+        "172.18.0.2:31080/TCP NodePort shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP"
+        " | internal -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP",
+        "172.18.0.2:31443/TCP NodePort shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP"
+        " | internal -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP",
+        "192.0.2.10:80/TCP ExternalIP shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP"
+        " | internal -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP",
+        "192.0.2.10:443/TCP ExternalIP shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP"
+        " | internal -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP",
+        "203.0.113.7:80/TCP LoadBalancer shop/web:http -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP"
+        " | internal -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP | from 198.51.100.0/24",
+        "203.0.113.7:443/TCP LoadBalancer shop/web:https -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP"
+        " | internal -> 10.244.3.4:8443/TCP 10.244.3.5:8443/TCP | from 198.51.100.0/24",
     ]
+    # from another node: eTP Local frontends have no local endpoint and drop outside traffic
+    state, _ = desired_state(service_ports(load_manifests(FIXTURES)), "worker-1", node=NODE)
+    assert [line for line in frontends(state) if line.startswith("203.0.113.7:80/")] == [
+        "203.0.113.7:80/TCP LoadBalancer shop/web:http -> DROP"
+        " | internal -> 10.244.3.4:8080/TCP 10.244.3.5:8080/TCP | from 198.51.100.0/24"]
 
 
 def test_kube_dns_service_ports_match_by_name_and_keep_terminating_endpoints():

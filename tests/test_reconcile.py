@@ -4,13 +4,24 @@ sequences, restart, failure of any kind and retry, the periodic resync."""
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import random
 
 import pytest
 
-from lbctl.datapath.ebpf import shared
-from lbctl.datapath.ebpf.reconcile import BACKENDS, F_CLUSTERIP, SERVICES, Reconciler, entry
-from lbctl.model.objects import Backend, DesiredState, Frontend, Protocol
+from lbctl.datapath.ebpf import decode, shared
+from lbctl.datapath.ebpf.reconcile import (
+    BACKENDS,
+    F_CLUSTERIP,
+    F_SOURCE_RANGES,
+    F_TWO_SCOPES,
+    INTERNAL,
+    SERVICES,
+    SOURCE_RANGES,
+    Reconciler,
+    entry,
+)
+from lbctl.model.objects import Backend, DesiredState, Frontend, FrontendKind, Protocol
 from lbctl.testing.fakemap import FakeMap
 
 TCP, UDP = Protocol.TCP, Protocol.UDP
@@ -24,7 +35,8 @@ def be(i: int, port: int = 8080, proto=TCP) -> Backend:
 
 def maps() -> dict:
     return {SERVICES: FakeMap(SERVICES), BACKENDS: FakeMap(BACKENDS), "lb4_affinity": FakeMap("a"),
-            "lb_service_stats": FakeMap("s", percpu=True), "lb_backend_stats": FakeMap("b", percpu=True)}
+            "lb_service_stats": FakeMap("s", percpu=True), "lb_backend_stats": FakeMap("b", percpu=True),
+            SOURCE_RANGES: FakeMap(SOURCE_RANGES)}
 
 
 def state(*entries) -> DesiredState:
@@ -43,6 +55,8 @@ def contents(m) -> dict:
     out = {}
     for k, v in m[SERVICES].data.items():
         key, val = shared.view("lb4_service_key", k), shared.view("lb4_service_value", v)
+        if key.scope:
+            continue     # the internal scope: see scoped_contents
         fe = (shared.from_be32(key.address), shared.from_be16(key.dport))
         row = out.setdefault(fe, [None, {}])
         if key.backend_slot == 0:
@@ -239,25 +253,45 @@ def shared_log_maps(check=None) -> tuple[dict, list]:
     m: dict = {}
     hook = (lambda *_: check(m)) if check else None
     m.update({name: FakeMap(name, percpu=name.endswith("stats"), journal=journal, after_write=hook)
-              for name in (SERVICES, BACKENDS, "lb4_affinity", "lb_service_stats", "lb_backend_stats")})
+              for name in (SERVICES, BACKENDS, "lb4_affinity", "lb_service_stats", "lb_backend_stats",
+                           SOURCE_RANGES)})
     return m, journal
 
 
 def reachable_slots_name_backends(m) -> None:
     """For every frontend in the services map with count n, slots 1..n exist and name backends
-    present in the backends map: what a packet can reach is whole."""
+    present in the backends map: what a packet can reach is whole. A frontend flagged
+    TWO_SCOPES makes its internal scope reachable: its slot 0 exists and its slots are whole
+    too. A frontend flagged SOURCE_RANGES has its ranges in lb4_source_ranges (none would drop
+    every client)."""
     backends = m[BACKENDS].data
-    for key, value in m[SERVICES].data.items():
-        k = shared.view("lb4_service_key", key)
-        if k.backend_slot:
-            continue
-        front = f"{shared.from_be32(k.address)}:{shared.from_be16(k.dport)}"
-        for slot in range(1, shared.view("lb4_service_value", value).count + 1):
-            raw = m[SERVICES].data.get(shared.service_key(shared.from_be32(k.address),
-                                                          shared.from_be16(k.dport), k.proto, slot))
-            assert raw is not None, f"{front}: slot {slot} reachable but missing"
+    data = m[SERVICES].data
+    ranges = {decode.source_range(k)[0] for k in m[SOURCE_RANGES].data} if SOURCE_RANGES in m else set()
+
+    def whole(address, dport, proto, scope, front):
+        head = data.get(shared.service_key(address, dport, proto, 0, scope))
+        assert head is not None, f"{front}: scope {scope} reachable but its slot 0 is missing"
+        value = shared.view("lb4_service_value", head)
+        for slot in range(1, value.count + 1):
+            raw = data.get(shared.service_key(address, dport, proto, slot, scope))
+            assert raw is not None, f"{front}: scope {scope} slot {slot} reachable but missing"
             backend_id = shared.view("lb4_service_value", raw).backend_id
-            assert shared.u32(backend_id) in backends, f"{front}: slot {slot} names missing backend {backend_id}"
+            assert shared.u32(backend_id) in backends, \
+                f"{front}: scope {scope} slot {slot} names missing backend {backend_id}"
+        return value
+
+    for key in list(data):
+        k = shared.view("lb4_service_key", key)
+        if k.backend_slot or k.scope:
+            continue
+        address, dport = shared.from_be32(k.address), shared.from_be16(k.dport)
+        front = f"{address}:{dport}"
+        value = whole(address, dport, k.proto, 0, front)
+        if value.flags & F_TWO_SCOPES:
+            inner = whole(address, dport, k.proto, INTERNAL, front)
+            assert inner.service_id == value.service_id
+        if value.flags & F_SOURCE_RANGES:
+            assert value.service_id in ranges, f"{front}: checks source ranges it has none of"
 
 
 def test_write_order_across_maps_in_one_log():
@@ -288,10 +322,12 @@ def test_write_order_across_maps_in_one_log():
 
 def random_states(seed: int, steps: int):
     """A seeded walk through desired states: services added and removed, endpoints changed,
-    affinity and drop flags toggled; few addresses and ids, so ids are recycled."""
+    affinity and drop flags toggled, frontends of every kind, eTP Local (a second slot set)
+    and source ranges coming and going; few addresses and ids, so ids are recycled."""
     rng = random.Random(seed)
     frontends = [Frontend(f"10.96.0.{i}", 80 + i % 2, TCP if i % 3 else UDP) for i in range(1, 9)]
     pool = [be(i, 8080, TCP) for i in range(2, 14)] + [be(i, 53, UDP) for i in range(2, 8)]
+    cidrs = ["198.51.100.0/24", "172.18.0.0/16", "10.96.0.1/32", "0.0.0.0/0"]
     current: dict = {}
     for _ in range(steps):
         for _ in range(rng.randint(1, 3)):
@@ -302,27 +338,34 @@ def random_states(seed: int, steps: int):
             candidates = [b for b in pool if b.protocol == fe.protocol]
             chosen = rng.sample(candidates, rng.randint(0, 4))
             e = entry(f"ns/{fe.address}", fe, *chosen)
+            e = dataclasses.replace(e, kind=rng.choice(list(FrontendKind)))
             if rng.random() < 0.2:
                 e = dataclasses.replace(e, affinity_timeout=rng.choice((10, 600)))
             if rng.random() < 0.2:
                 left = [b for b in candidates if b not in chosen]
                 e = dataclasses.replace(e, draining=tuple(sorted(rng.sample(left, min(2, len(left))))))
+            if e.kind.external and rng.random() < 0.5:     # eTP Local: every endpoint inside
+                inner = tuple(sorted(set(chosen) | set(rng.sample(candidates, rng.randint(0, 3)))))
+                e = dataclasses.replace(e, internal_backends=inner, drop_without_backends=bool(inner))
+            if e.kind is FrontendKind.LOAD_BALANCER and rng.random() < 0.6:
+                e = dataclasses.replace(e, source_ranges=tuple(rng.sample(cidrs, rng.randint(1, 3))))
             current[fe] = e
         yield DesiredState(dict(current))
 
 
 @pytest.mark.parametrize("seed", range(12))
 def test_random_sequences_keep_every_reachable_slot_whole(seed):
-    """After every single write, every slot a packet can reach names an existing backend; every
-    sync converges to exactly the desired state, even when random writes fail (an OSError or any
-    other exception) and the next sync starts from a re-read of the maps."""
+    """After every single write, every slot a packet can reach names an existing backend (both
+    scopes) and every range check finds its ranges; every sync converges to exactly the desired
+    state, even when random writes fail (an OSError or any other exception) and the next sync
+    starts from a re-read of the maps."""
     m, _ = shared_log_maps(reachable_slots_name_backends)
     rng = random.Random(1000 + seed)
     r = Reconciler(m, 9, 20)        # ids for all 8 frontends and 18 backends, barely: recycled all the time
     for desired in random_states(seed, 40):
         faults = []
         if rng.random() < 0.3:       # make one write of this sync fail
-            target = m[rng.choice((SERVICES, BACKENDS))]
+            target = m[rng.choice((SERVICES, BACKENDS, SERVICES, SOURCE_RANGES))]
             keys = list(target.data) or [shared.u32(1)]
             fault = (rng.choice(("update", "delete")), rng.choice(keys))
             error = rng.choice((OSError(5, "injected"), ValueError("injected"), KeyError("injected")))
@@ -333,13 +376,121 @@ def test_random_sequences_keep_every_reachable_slot_whole(seed):
             del target.raise_on[fault]
         result = r.sync(desired) if r.dirty or first.errors else first
         assert not result.errors, result.errors
-        assert contents(m) == expected_contents(desired)
+        assert scoped_contents(m) == expected_scoped(desired)
         assert not Reconciler(m, 9, 20).sync(desired).changed, "a restart finds what it wants"
 
 
 def expected_contents(desired: DesiredState) -> dict:
     return {(fe.address, fe.port): (len(e.backends), [b.address for b in e.backends])
             for fe, e in desired.services.items()}
+
+
+def scoped_contents(m) -> dict:
+    """(address, port, scope) -> (count, flags, [backend address per slot]), and
+    ("ranges", address, port) -> sorted CIDRs."""
+    backends = {shared.parse_u32(k): shared.from_be32(shared.view("lb4_backend", v).address)
+                for k, v in m[BACKENDS].data.items()}
+    out: dict = {}
+    by_id: dict = {}
+    for k, v in m[SERVICES].data.items():
+        key, val = shared.view("lb4_service_key", k), shared.view("lb4_service_value", v)
+        fe = (shared.from_be32(key.address), shared.from_be16(key.dport), key.scope)
+        row = out.setdefault(fe, [None, None, {}])
+        if key.backend_slot == 0:
+            row[0], row[1] = val.count, val.flags
+            if key.scope == 0:
+                by_id[val.service_id] = fe[:2]
+        else:
+            row[2][key.backend_slot] = backends.get(val.backend_id, "MISSING")
+    result = {fe: (count, flags, [slots[i] for i in sorted(slots)]) for fe, (count, flags, slots) in out.items()}
+    for k in m[SOURCE_RANGES].data:
+        service_id, cidr = decode.source_range(k)
+        result.setdefault(("ranges", *by_id.get(service_id, ("?", service_id))), []).append(cidr)
+    return {k: sorted(v) if k[0] == "ranges" else v for k, v in result.items()}
+
+
+def expected_scoped(desired: DesiredState) -> dict:
+    from lbctl.datapath.ebpf.reconcile import service_flags
+
+    out: dict = {}
+    for fe, e in desired.services.items():
+        flags = service_flags(e)
+        out[(fe.address, fe.port, 0)] = (len(e.backends), flags, [b.address for b in e.backends])
+        if e.internal_backends is not None:
+            out[(fe.address, fe.port, INTERNAL)] = (len(e.internal_backends), flags,
+                                                     [b.address for b in e.internal_backends])
+        if e.source_ranges:
+            out[("ranges", fe.address, fe.port)] = sorted(str(ipaddress.ip_network(c)) for c in e.source_ranges)
+    return out
+
+
+def test_internal_scope_is_written_before_the_frontend_that_reaches_it_and_removed_after():
+    m, journal = shared_log_maps(reachable_slots_name_backends)
+    r = Reconciler(m, 100, 100)
+    nodeport = Frontend("172.18.0.2", 30080, TCP)
+    local = dataclasses.replace(entry("w", nodeport, be(2)), kind=FrontendKind.NODE_PORT,
+                                internal_backends=(be(2), be(3)), drop_without_backends=True)
+    r.sync(state(local))
+    writes = [(op, slot_of(k), shared.view("lb4_service_key", k).scope) for name, op, k in journal if name == SERVICES]
+    assert writes == [("update", ("172.18.0.2", 1), 1), ("update", ("172.18.0.2", 2), 1),
+                      ("update", ("172.18.0.2", 0), 1), ("update", ("172.18.0.2", 1), 0),
+                      ("update", ("172.18.0.2", 0), 0)]
+    front = shared.view("lb4_service_value", m[SERVICES].data[shared.service_key("172.18.0.2", 30080, 6)])
+    assert front.flags == (shared.const("LB_SVC_F_NODEPORT") | shared.const("LB_SVC_F_DROP")
+                           | shared.const("LB_SVC_F_ETP_LOCAL") | F_TWO_SCOPES)
+    assert not Reconciler(m, 100, 100).sync(state(local)).changed, "both scopes restored"
+    journal.clear()
+    r.sync(state(dataclasses.replace(local, internal_backends=None, drop_without_backends=False)))   # eTP Cluster
+    writes = [(op, slot_of(k), shared.view("lb4_service_key", k).scope) for name, op, k in journal if name == SERVICES]
+    assert writes == [("update", ("172.18.0.2", 0), 0), ("delete", ("172.18.0.2", 0), 1),
+                      ("delete", ("172.18.0.2", 1), 1), ("delete", ("172.18.0.2", 2), 1)]
+    r.sync(state(local))
+    journal.clear()
+    r.sync(state())
+    writes = [(op, slot_of(k), shared.view("lb4_service_key", k).scope) for name, op, k in journal if name == SERVICES]
+    assert writes[0] == ("delete", ("172.18.0.2", 0), 0), "the frontend goes first"
+    assert m[SERVICES].data == {}
+
+
+def test_source_ranges_arrive_before_the_flag_and_leave_after_it():
+    m, journal = shared_log_maps(reachable_slots_name_backends)
+    r = Reconciler(m, 100, 100)
+    lb = Frontend("203.0.113.7", 80, TCP)
+    e = dataclasses.replace(entry("w", lb, be(2)), kind=FrontendKind.LOAD_BALANCER,
+                            source_ranges=("198.51.100.0/24", "10.1.2.3/32"))
+    r.sync(state(e))
+    names = [(name, op) for name, op, _ in journal if name in (SERVICES, SOURCE_RANGES)]
+    assert names == [(SOURCE_RANGES, "update"), (SOURCE_RANGES, "update"), (SERVICES, "update"),
+                     (SERVICES, "update")]
+    sid = r.services[lb].service_id
+    assert sorted(decode.source_range(k) for k in m[SOURCE_RANGES].data) == [
+        (sid, "10.1.2.3/32"), (sid, "198.51.100.0/24")]
+    key = shared.view("lb4_source_range_key", shared.source_range_key(sid, "198.51.100.0/24"))
+    assert (key.prefixlen, key.service_id) == (32 + 24, sid), "the service id is always matched whole"
+    assert not Reconciler(m, 100, 100).sync(state(e)).changed, "restored"
+    journal.clear()
+    r.sync(state(dataclasses.replace(e, source_ranges=("198.51.100.0/24", "192.0.2.0/24"))))
+    assert [(name, op) for name, op, _ in journal if name in (SERVICES, SOURCE_RANGES)] == [
+        (SOURCE_RANGES, "update"), (SERVICES, "update"), (SOURCE_RANGES, "delete")]
+    journal.clear()
+    r.sync(state())
+    assert [(name, op) for name, op, _ in journal if name in (SERVICES, SOURCE_RANGES)][:2] == [
+        (SERVICES, "delete"), (SERVICES, "delete")]
+    assert m[SOURCE_RANGES].data == {}, "an id handed out again must not inherit ranges"
+
+
+def test_ranges_and_internal_scopes_nobody_reaches_are_removed_at_restart():
+    m = maps()
+    r = Reconciler(m, 100, 100)
+    r.sync(state(entry("w", WEB, be(2))))
+    sid = r.services[WEB].service_id
+    m[SOURCE_RANGES].data[shared.source_range_key(sid, "10.0.0.0/8")] = b"\x01"      # no flag checks it
+    m[SOURCE_RANGES].data[shared.source_range_key(77, "10.0.0.0/8")] = b"\x01"       # no such service
+    m[SERVICES].data[shared.service_key("10.96.0.10", 80, 6, 0, INTERNAL)] = shared.service_value(count=1, service_id=sid)
+    m[SERVICES].data[shared.service_key("10.96.0.10", 80, 6, 1, INTERNAL)] = shared.service_value(backend_id=1)
+    assert Reconciler(m, 100, 100).resync(state(entry("w", WEB, be(2)))).errors == []
+    assert m[SOURCE_RANGES].data == {}
+    assert scoped_contents(m) == {("10.96.0.10", 80, 0): (1, F_CLUSTERIP, ["10.244.0.2"])}
 
 
 # --- failures other than OSError (item 7) --------------------------------------------------------

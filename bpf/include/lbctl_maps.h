@@ -43,6 +43,13 @@ BPF_TABLE_PINNED("lpm_trie", struct lb4_source_range_key, __u8, lb4_source_range
 /* The datapath's settings (struct lb4_config), index 0. */
 BPF_TABLE_PINNED("array", __u32, struct lb4_config, lb4_config, 1, LB_PIN_DIR "/lb4_config");
 
+/* Maglev tables by (service id, scope): see struct lb4_maglev_key. The inner template only
+ * fixes the tables' type; BPF_F_INNER_MAP lets each have its own size (M + 1 entries). The
+ * control plane creates, fills and swaps the tables (lbctl/datapath/ebpf/maglev.py). */
+BPF_F_TABLE("array", __u32, __u32, lb4_maglev_inner, 1, BPF_F_INNER_MAP);
+BPF_TABLE_PINNED("hash_of_maps$lb4_maglev_inner", struct lb4_maglev_key, int, lb4_maglev,
+		 LB_MAGLEV_MAP_SIZE, LB_PIN_DIR "/lb4_maglev");
+
 #ifdef LB_TRACE
 /* `lbctl trace` only (never pinned): what the traced packet made the program decide. */
 BPF_ARRAY(lb_trace, struct lb4_trace_result, 1);

@@ -32,6 +32,16 @@
 #define LB_SOURCE_RANGES_MAP_SIZE 16384 /* loadBalancerSourceRanges prefixes, all services */
 #endif
 
+/* Maglev consistent hashing (Eisenbud et al., NSDI 2016), a per-service option (lib/maglev.h,
+ * lbctl/datapath/ebpf/maglev.py). A table is M slots, M prime; each names a backend id. */
+#define LB_MAGLEV_DEFAULT_TABLE_SIZE 16381  /* M, Cilium's default: balance needs M >> backends */
+#define LB_MAGLEV_MAX_TABLE_SIZE 131071     /* the largest M accepted (Cilium's largest too) */
+#define LB_MAGLEV_HASH_SEED 0x6c62636d      /* jhash seed of the 5-tuple: one constant, so every
+					     * node picks the same slot for the same flow */
+#ifndef LB_MAGLEV_MAP_SIZE
+#define LB_MAGLEV_MAP_SIZE 131072           /* tables: one per Maglev frontend and scope */
+#endif
+
 /* Connection tracking lifetimes, seconds (as Cilium's defaults: kube-proxy leaves TCP to
  * nf_conntrack, whose established timeout it raises to 1 day; 6 h is what Cilium uses). */
 #define LB_CT_LIFETIME_TCP 21600        /* established: a reply has been seen */
@@ -198,6 +208,16 @@ struct lb4_service_value {
 	__u16 count;                  /* slot 0: number of backend slots (0: no endpoints) */
 	__u16 flags;                  /* slot 0: LB_SVC_F_* */
 	__u32 service_id;             /* index into lb_service_stats; same in every slot */
+};
+
+/* lb4_maglev: the Maglev table of a frontend's scope (hash of maps). The inner map is an array
+ * of M + 1 __u32: index 0 holds M (as slot 0 of lb4_services holds the count), 1..M backend
+ * ids. A new flow takes index 1 + jhash(5-tuple) % M. Tables are replaced whole: a new inner
+ * map is filled, then swapped in with one update of the outer map. */
+struct lb4_maglev_key {
+	__u32 service_id;             /* lb4_service_value.service_id of the frontend */
+	__u8 scope;                   /* LB_SCOPE_*: each scope has its own backend set */
+	__u8 pad[3];
 };
 
 /* lb4_backends: id -> endpoint address. Ids are small integers handed out by the control plane

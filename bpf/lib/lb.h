@@ -101,6 +101,8 @@ static __always_inline int lb4_masquerade(const struct lb4_config *cfg, const st
 	return (origin & LB_ORIGIN_UPLINK) && backend == pkt->saddr;
 }
 
+#include "lib/maglev.h"
+
 /* The backend a tracked flow keeps, or NULL when it must choose again: a SYN on a closed tuple
  * or after the entry expired, a UDP datagram after it expired, or a backend deleted or changed
  * since (a recycled id), so that a UDP flow never keeps going to a deleted endpoint
@@ -293,6 +295,8 @@ static __always_inline int lb4_service_packet(struct __ctx_buff *ctx, const stru
 			return lb4_no_endpoints(ctx, pkt, frontend, svc, cfg, origin, v);
 		if (svc->flags & LB_SVC_F_AFFINITY)
 			backend = lb4_affinity_backend(pkt, svc, &target.backend_id, now);
+		if (!backend && (svc->flags & LB_SVC_F_MAGLEV))   /* lib/maglev.h */
+			backend = lb4_maglev_backend(pkt, frontend, service_id, &target.backend_id);
 		if (!backend)
 			backend = lb4_select_backend(frontend, svc->count, &target.backend_id);
 		if (!backend) {

@@ -74,3 +74,13 @@ def port_range(text: str) -> tuple[int, int]:
 positive_int = int_range(1)
 map_size = int_range(1, U32_MAX)        # BPF map max_entries is a u32
 id_count = int_range(2, U32_MAX)        # ids 1..n-1 (0 means "none"): at least one id
+
+
+def maglev_table_size(text: str) -> int:
+    """A Maglev table size: a prime from 3 to 131071 (Cilium's largest)."""
+    from lbctl.model.objects import is_prime
+
+    value = int_range(3, 131071)(text)
+    if not is_prime(value):
+        raise argparse.ArgumentTypeError(f"{value} is not prime (for example 251, 1021, 4093, 16381, 65521)")
+    return value

@@ -131,4 +131,5 @@ def datapath_config(args) -> ebpf.DatapathConfig:
     return ebpf.DatapathConfig(
         pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
         services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
-        node_name=node_name(args))
+        node_name=node_name(args), maglev_table_size=getattr(args, "maglev_table_size",
+                                                             ebpf.DatapathConfig.maglev_table_size))

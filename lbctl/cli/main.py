@@ -381,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frontends + backend slots (%(default)s)")
     run.add_argument("--ct-size", type=argtypes.map_size, default=d.ct_size,
                      help="conntrack entries, two per flow (%(default)s)")
+    run.add_argument("--maglev-table-size", type=argtypes.maglev_table_size, default=d.maglev_table_size,
+                     metavar="M", help="ebpf: slots of the Maglev table of a service annotated "
+                     "lbctl.io/lb-algorithm: maglev without lbctl.io/maglev-table-size; a prime "
+                     "(%(default)s, as Cilium)")
     run.add_argument("--interval", type=argtypes.positive_float, default=1.0,
                      help="seconds between manifest polls (%(default)s)")
     config.add_source_flags(run)

@@ -57,6 +57,11 @@ class Service:
     health_check_node_port: int | None = None
     has_selector: bool = False
     origin: str = ""                              # where it came from (file name), for messages
+    # Annotations lbctl.io/lb-algorithm (random | maglev) and lbctl.io/maglev-table-size:
+    # Maglev consistent hashing with a table of this many slots (a prime); 0: the node's
+    # default size (--maglev-table-size). Only the eBPF datapath reads them.
+    load_balancing: str = "random"
+    maglev_table_size: int = 0
 
     @property
     def key(self) -> str:
@@ -179,16 +184,49 @@ class Backend:
         return f"{self.address}:{self.port}/{self.protocol.value}"
 
 
+class FrontendKind(str, enum.Enum):
+    """Which address of a service a frontend is: kube-proxy treats each kind differently
+    (externalTrafficPolicy and masquerade apply to all but ClusterIP, source ranges to
+    LoadBalancer only)."""
+
+    CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"                 # a node address that accepts NodePorts : nodePort
+    EXTERNAL_IP = "ExternalIP"             # spec.externalIPs : port
+    LOAD_BALANCER = "LoadBalancer"         # status.loadBalancer.ingress[].ip : port
+
+    @property
+    def external(self) -> bool:
+        """Reached from outside the cluster: kube-proxy's external traffic (KUBE-EXT chains)."""
+        return self is not FrontendKind.CLUSTER_IP
+
+
 @dataclass(frozen=True)
 class ServiceEntry:
     frontend: Frontend
     name: str                              # "ns/name:port", as kube-proxy names service ports
-    backends: tuple[Backend, ...]          # sorted; empty means "reject" (no endpoints)
+    backends: tuple[Backend, ...]          # sorted; empty means "reject" (no endpoints). For an
+                                           # external frontend with eTP Local: this node's only
     # Endpoints still in the slices but not chosen for new flows (terminating, not ready):
     # their established TCP flows keep going, as with kube-proxy's conntrack. Never UDP.
     draining: tuple[Backend, ...] = ()
     affinity_timeout: int = 0              # sessionAffinity ClientIP timeout (s); 0: none
-    drop_without_backends: bool = False    # no backends: drop (iTP Local) instead of reject
+    drop_without_backends: bool = False    # no backends: drop (a Local policy, endpoints
+                                           # elsewhere only) instead of reject
+    kind: FrontendKind = FrontendKind.CLUSTER_IP
+    # externalTrafficPolicy Local (external kinds): `backends` are this node's endpoints, for
+    # traffic from outside; traffic from inside the cluster (pods, the node) uses every
+    # endpoint, `internal_backends` (a second slot set, scope internal). None: one slot set.
+    internal_backends: tuple[Backend, ...] | None = None
+    # loadBalancerSourceRanges (LoadBalancer kind, with endpoints): the only sources accepted,
+    # as CIDRs; empty: every source.
+    source_ranges: tuple[str, ...] = ()
+    # Maglev consistent hashing over a table of this many slots (a prime), in each scope;
+    # 0: uniform random choice.
+    maglev_table_size: int = 0
+
+    @property
+    def external_local(self) -> bool:
+        return self.internal_backends is not None
 
 
 @dataclass(frozen=True)
@@ -197,4 +235,17 @@ class DesiredState:
 
     @property
     def backends(self) -> frozenset[Backend]:
-        return frozenset(b for s in self.services.values() for b in s.backends)
+        return frozenset(b for s in self.services.values() for b in (*s.backends, *(s.internal_backends or ())))
+
+
+MAGLEV_DEFAULT_TABLE_SIZE = 16381   # Cilium's default M (bpf/include/lbctl_shared.h says it too)
+
+
+def is_prime(n: int) -> bool:
+    """Maglev table sizes must be prime (every skip then visits every slot): trial division,
+    enough for sizes up to 131071."""
+    if n < 2:
+        return False
+    if n % 2 == 0:
+        return n == 2
+    return all(n % d for d in range(3, int(n ** 0.5) + 1, 2))

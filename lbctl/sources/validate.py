@@ -20,7 +20,8 @@ old API servers stored IPv4 octets with leading zeros, which are decimal (``10.0
 Legacy ``Endpoints`` are converted the way the EndpointSlice mirroring controller does it: one
 slice per subset and address family, labelled with the Endpoints' name as service name.
 
-Not checked (nothing lbctl reads depends on them): label and selector syntax, annotations,
+Not checked (nothing lbctl reads depends on them): label and selector syntax, annotations
+(but lbctl's own, ``lbctl.io/lb-algorithm`` and ``lbctl.io/maglev-table-size``),
 appProtocol, trafficDistribution, loadBalancerClass, the status' hostnames and ipMode.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lbctl.model.objects import (
     Protocol,
     Service,
     ServicePort,
+    is_prime,
 )
 from lbctl.sources.base import Record, with_origin
 
@@ -59,6 +61,12 @@ KUBELET_PORT = 10250                                        # a LoadBalancer may
 MAX_SLICE_ENDPOINTS = 1000                                  # discovery validation's limits
 MAX_ENDPOINT_ADDRESSES = 100
 MAX_SLICE_PORTS = 20000
+# lbctl's own Service annotations (read by the eBPF datapath only): Maglev consistent hashing
+# instead of uniform random backend choice, and its table size (a prime, Cilium's limits).
+LB_ALGORITHM_ANNOTATION = "lbctl.io/lb-algorithm"
+MAGLEV_TABLE_SIZE_ANNOTATION = "lbctl.io/maglev-table-size"
+LB_ALGORITHMS = ("random", "maglev")
+MAGLEV_TABLE_SIZES = (3, 131071)
 
 # The characters of the API server's DNS_LABEL and IANA_SVC_NAME (port names): lowercase
 # letters, digits and '-', not at either end. The lengths and extra rules differ; see below.
@@ -285,6 +293,7 @@ def _service(doc: dict, namespace: str, name: str, origin: str, warn: Callable[[
         raise Invalid(f"externalTrafficPolicy {_show(spec['externalTrafficPolicy'])} may only be set for "
                       "externally-accessible services (type NodePort or LoadBalancer, or with externalIPs); "
                       "remove it")
+    load_balancing, maglev_table_size = _load_balancing(doc, warn)
     health_check = _optional_node_port(spec.get("healthCheckNodePort"), "healthCheckNodePort", node_port_range)
     if health_check is not None and not (service_type == "LoadBalancer" and external_policy == "Local"):
         raise Invalid(f"healthCheckNodePort {health_check} may only be set when type is LoadBalancer and "
@@ -306,7 +315,43 @@ def _service(doc: dict, namespace: str, name: str, origin: str, warn: Callable[[
         health_check_node_port=health_check,
         has_selector=bool(spec.get("selector")),   # empty or absent: endpoints managed by hand
         origin=origin,
+        load_balancing=load_balancing,
+        maglev_table_size=maglev_table_size,
     )
+
+
+def _load_balancing(doc: dict, warn: Callable[[str], None]) -> tuple[str, int]:
+    """(algorithm, Maglev table size or 0 for the node's default) from lbctl's annotations. A
+    bad value is reported and the default used: a typo in an annotation should not take a
+    service down, and random choice (or the default size) still serves it."""
+    meta = doc.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, dict) else None
+    if not isinstance(annotations, dict):
+        return "random", 0
+    algorithm = annotations.get(LB_ALGORITHM_ANNOTATION, "random")
+    if algorithm not in LB_ALGORITHMS:
+        warn(f"annotation {LB_ALGORITHM_ANNOTATION} {_show(algorithm)} is not one of "
+             f"{', '.join(LB_ALGORITHMS)}; using random")
+        algorithm = "random"
+    raw = annotations.get(MAGLEV_TABLE_SIZE_ANNOTATION)
+    if raw is None:
+        return algorithm, 0
+    if algorithm != "maglev":
+        warn(f"annotation {MAGLEV_TABLE_SIZE_ANNOTATION} is set but {LB_ALGORITHM_ANNOTATION} is not "
+             "maglev; ignored")
+        return algorithm, 0
+    text = raw.strip() if isinstance(raw, str) else ""
+    low, high = MAGLEV_TABLE_SIZES
+    if text.isdigit() and low <= int(text) <= high and is_prime(int(text)):
+        return algorithm, int(text)
+    why = f"not a prime from {low} to {high}"
+    if text.isdigit() and low <= int(text) <= high:
+        near = [next(p for p in range(int(text), 1, -1) if is_prime(p)),
+                next(p for p in range(int(text), 2 * high) if is_prime(p))]
+        why = f"not prime (the nearest primes are {near[0]} and {near[1]})"
+    warn(f"annotation {MAGLEV_TABLE_SIZE_ANNOTATION} {_show(raw)} is {why}; using the node's default "
+         "Maglev table size (--maglev-table-size)")
+    return algorithm, 0
 
 
 def _external_name(spec: dict) -> None:

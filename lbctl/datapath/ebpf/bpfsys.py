@@ -6,6 +6,7 @@ their pins) and the BPF_PROG_TEST_RUN harness. libbpf >= 1.0 returns -errno.
 """
 from __future__ import annotations
 
+import array
 import ctypes
 import ctypes.util
 import errno
@@ -25,6 +26,8 @@ MAP_TYPE_PERCPU_ARRAY = 6
 MAP_TYPE_LRU_HASH = 9
 MAP_TYPE_LRU_PERCPU_HASH = 10
 MAP_TYPE_LPM_TRIE = 11
+MAP_TYPE_HASH_OF_MAPS = 13
+BPF_F_INNER_MAP = 1 << 12   # an inner map template whose tables may differ in max_entries
 PERCPU_TYPES = {MAP_TYPE_PERCPU_HASH, MAP_TYPE_PERCPU_ARRAY, MAP_TYPE_LRU_PERCPU_HASH}
 
 
@@ -106,6 +109,32 @@ def map_create(map_type: int, name: str, key_size: int, value_size: int, max_ent
     datapath's maps are created by bcc from the program's definitions."""
     return _check(_libbpf.bpf_map_create(map_type, name.encode()[:15], key_size, value_size,
                                          max_entries, None), f"create map {name}")
+
+
+class _MapCreateOpts(ctypes.Structure):
+    """libbpf's struct bpf_map_create_opts (1.0)."""
+    _fields_ = [("sz", ctypes.c_size_t), ("btf_fd", ctypes.c_uint32), ("btf_key_type_id", ctypes.c_uint32),
+                ("btf_value_type_id", ctypes.c_uint32), ("btf_vmlinux_value_type_id", ctypes.c_uint32),
+                ("inner_map_fd", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("map_extra", ctypes.c_uint64),
+                ("numa_node", ctypes.c_uint32), ("map_ifindex", ctypes.c_uint32)]
+
+
+def map_create_flags(map_type: int, name: str, key_size: int, value_size: int, max_entries: int,
+                     map_flags: int) -> int:
+    """map_create with map flags (BPF_F_INNER_MAP for the Maglev tables: an inner map must carry
+    the flags of the template it replaces)."""
+    opts = _MapCreateOpts(sz=ctypes.sizeof(_MapCreateOpts), map_flags=map_flags)
+    return _check(_libbpf.bpf_map_create(map_type, name.encode()[:15], key_size, value_size,
+                                         max_entries, ctypes.byref(opts)), f"create map {name}")
+
+
+_libbpf.bpf_map_get_fd_by_id.argtypes = [ctypes.c_uint32]
+_libbpf.bpf_map_get_fd_by_id.restype = ctypes.c_int
+
+
+def map_fd_by_id(map_id: int) -> int:
+    """A file descriptor of the map with this id (what a map-in-map lookup returns)."""
+    return _check(_libbpf.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
 
 
 def map_info(fd: int) -> MapInfo:
@@ -190,6 +219,28 @@ class BpfMap:
                             if self.percpu else v)
             return
         _check(ret, f"batch update {self.name}")
+
+    def write_array(self, values: bytes) -> None:
+        """Sets every entry of an array map, index 0 upwards, from packed values: one
+        BPF_MAP_UPDATE_BATCH (a Maglev table of 16,382 entries in one call)."""
+        count = len(values) // self.info.value_size
+        keys = array.array("I", range(count)).tobytes()
+        n = ctypes.c_uint32(count)
+        _check(_libbpf.bpf_map_update_batch(self.fd, ctypes.create_string_buffer(keys, len(keys)),
+                                            ctypes.create_string_buffer(values, len(values)),
+                                            ctypes.byref(n), None), f"batch update {self.name}")
+
+    def read_array(self) -> bytes:
+        """Every value of an array map, packed, index 0 upwards: one BPF_MAP_LOOKUP_BATCH."""
+        count, size = self.info.max_entries, self.info.value_size
+        keys = ctypes.create_string_buffer(4 * count)
+        values = ctypes.create_string_buffer(size * count)
+        token = ctypes.create_string_buffer(4)
+        n = ctypes.c_uint32(count)
+        ret = _libbpf.bpf_map_lookup_batch(self.fd, None, token, keys, values, ctypes.byref(n), None)
+        if ret != -errno.ENOENT:   # ENOENT: the whole map fitted in this batch
+            _check(ret, f"batch lookup in {self.name}")
+        return ctypes.string_at(values, size * n.value)
 
     def delete(self, key: bytes) -> bool:
         ret = _libbpf.bpf_map_delete_elem(self.fd, self._key(key))

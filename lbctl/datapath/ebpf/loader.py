@@ -49,6 +49,7 @@ from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
 from lbctl.datapath.ebpf import bpfsys, shared, source
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_ARRAY as MAP_ARRAY
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH_OF_MAPS as MAP_HASH_OF_MAPS
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LPM_TRIE as MAP_LPM_TRIE
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
@@ -80,7 +81,7 @@ MODE_TC = "tc"
 XDP_CHOICES = {"auto": (MODE_XDP_NATIVE, MODE_XDP_GENERIC), "native": (MODE_XDP_NATIVE,),
                "generic": (MODE_XDP_GENERIC,), "off": ()}
 MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_stats",
-        "lb_backend_stats", "lb_global_stats", "lb4_source_ranges", "lb4_config")
+        "lb_backend_stats", "lb_global_stats", "lb4_source_ranges", "lb4_config", "lb4_maglev")
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,7 @@ class DatapathConfig:
     devices: tuple[str, ...] = DEFAULT_DEVICES
     uplink_devices: tuple[str, ...] = ()   # the uplinks (patterns); the mode picks the default
     xdp: str = "auto"                      # XDP_CHOICES: the XDP modes tried on uplinks, in order
+    maglev_table_size: int = shared.const("LB_MAGLEV_DEFAULT_TABLE_SIZE")  # M of Maglev services without their own
     node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
 
     def cflags(self) -> list[str]:
@@ -109,6 +111,7 @@ class DatapathConfig:
             f"-DLB_SERVICES_MAP_SIZE={self.services_map_size}",
             f"-DLB_CT_MAP_SIZE={self.ct_size}",
             f"-DLB_AFFINITY_MAP_SIZE={self.affinity_size}",
+            f"-DLB_MAGLEV_MAP_SIZE={self.maglev_map_size}",
             "-Wno-unused-function",
         ]
 
@@ -119,6 +122,11 @@ class DatapathConfig:
         if self.pin_dir == DEFAULT_PIN_DIR:
             return TC_NAME
         return f"{TC_NAME}:{os.path.basename(self.pin_dir.rstrip('/'))}"
+
+    @property
+    def maglev_map_size(self) -> int:
+        """Maglev tables: one per service id and scope at most."""
+        return 2 * self.max_services
 
     def expected_maps(self) -> dict[str, tuple[int, int, int, int]]:
         """name -> (map type, key size, value size, max entries), to check pins left by an
@@ -135,6 +143,7 @@ class DatapathConfig:
             "lb4_source_ranges": (MAP_LPM_TRIE, s("lb4_source_range_key"), 1,
                                   shared.const("LB_SOURCE_RANGES_MAP_SIZE")),
             "lb4_config": (MAP_ARRAY, 4, s("lb4_config"), 1),
+            "lb4_maglev": (MAP_HASH_OF_MAPS, s("lb4_maglev_key"), 4, self.maglev_map_size),
         }
 
 

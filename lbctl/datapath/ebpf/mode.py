@@ -9,7 +9,7 @@ from lbctl.datapath.base import SyncResult, cleanup_other_modes
 from lbctl.datapath.ebpf import dump
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.reconcile import Reconciler
-from lbctl.model.desired import DesiredCache, desired_state
+from lbctl.model.desired import desired_state
 from lbctl.model.objects import DesiredState, ServicePortInfo
 
 log = logging.getLogger("lbctl.mode")
@@ -33,7 +33,6 @@ class EbpfMode:
         self.problems: tuple = ()
         self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
         self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
-        self._cache = DesiredCache()                 # entries of unchanged service ports, reused
 
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
@@ -52,7 +51,8 @@ class EbpfMode:
         _, reconciler = self._loaded()
         if ports is not None:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name,
-                                                        self._holders(reconciler), self._cache)
+                                                        self._holders(reconciler),
+                                                        maglev_table_size=self.cfg.maglev_table_size)
         result = reconciler.sync(self.desired)
         if not reconciler.dirty:
             self._write_names(reconciler)

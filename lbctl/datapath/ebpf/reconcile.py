@@ -5,11 +5,19 @@ themselves at start (so a restarted agent keeps the same service and backend ids
 flow) and after any failed write (a full resync, as kube-proxy falls back to). Writes follow
 Cilium's order, in which a packet never sees a half-made service:
 
-  1. removed services: the frontend first (no new packet selects it), then its slots; first,
-     so that what they free (map room, ids) serves the additions;
+  1. removed services: the frontend first (no new packet selects it), then its slots, then
+     its internal scope and its source ranges; first, so that what they free (map room, ids)
+     serves the additions;
   2. new backends (lb4_backends), so every id a slot will name exists;
-  3. per changed service: backend slots 1..n, then the frontend (slot 0, holding the count)
-     last, then slots beyond the new count;
+  3. per changed service: source ranges it gains (before the frontend's flag makes them
+     checked: a range arriving late would drop its clients), then the internal scope
+     (LB_SCOPE_INTERNAL: slots, then its slot 0), then backend slots 1..n, then the frontend
+     (slot 0, holding the count and the flags that make the internal scope and the ranges
+     reachable) last, then slots beyond the new counts, an internal scope no longer flagged,
+     and the ranges it lost (while they change, a source in the old or the new ranges is let
+     in: never one in both refused). Maglev tables (lb4_maglev, maglev.py) are written
+     before any of that, after the backends they name; those no Maglev frontend names any
+     more are removed after the frontends;
   4. backends no longer named by any slot.
 
 A service that cannot be programmed (no free id, too many endpoints) is reported in the result
@@ -31,19 +39,34 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
-from lbctl.datapath.ebpf import decode, shared
-from lbctl.model.objects import Backend, DesiredState, Frontend, ServiceEntry
+from lbctl.datapath.ebpf import decode, maglev, shared
+from lbctl.model.objects import Backend, DesiredState, Frontend, FrontendKind, ServiceEntry
 
 log = logging.getLogger(__name__)
 
 SERVICES, BACKENDS = "lb4_services", "lb4_backends"
 SERVICE_STATS, BACKEND_STATS = "lb_service_stats", "lb_backend_stats"
 AFFINITY = "lb4_affinity"
+SOURCE_RANGES = "lb4_source_ranges"
 F_CLUSTERIP = shared.const("LB_SVC_F_CLUSTERIP")
 F_AFFINITY = shared.const("LB_SVC_F_AFFINITY")
 F_DROP = shared.const("LB_SVC_F_DROP")
+F_ETP_LOCAL = shared.const("LB_SVC_F_ETP_LOCAL")
+F_TWO_SCOPES = shared.const("LB_SVC_F_TWO_SCOPES")
+F_SOURCE_RANGES = shared.const("LB_SVC_F_SOURCE_RANGES")
 F_DRAINING = shared.const("LB_BACKEND_F_DRAINING")
+KIND_FLAGS = {
+    FrontendKind.CLUSTER_IP: F_CLUSTERIP,
+    FrontendKind.NODE_PORT: shared.const("LB_SVC_F_NODEPORT"),
+    FrontendKind.EXTERNAL_IP: shared.const("LB_SVC_F_EXTERNAL_IP"),
+    FrontendKind.LOAD_BALANCER: shared.const("LB_SVC_F_LOADBALANCER"),
+}
+EXTERNAL, INTERNAL = shared.const("LB_SCOPE_EXTERNAL"), shared.const("LB_SCOPE_INTERNAL")
+F_MAGLEV = shared.const("LB_SVC_F_MAGLEV")
 MAX_SLOTS = 0xFFFF   # lb4_service_value.count and lb4_service_key.backend_slot are u16
+RANGE_PRESENT = b"\x01"
+
+
 @dataclass(frozen=True)
 class ProgrammedService:
     frontend: Frontend
@@ -51,6 +74,24 @@ class ProgrammedService:
     backend_ids: tuple[int, ...]   # slot i+1 holds backend_ids[i]
     affinity_timeout: int = 0
     flags: int = F_CLUSTERIP
+    internal_ids: tuple[int, ...] | None = None    # the internal scope's slots (LB_SVC_F_TWO_SCOPES)
+    source_ranges: frozenset[str] = frozenset()    # lb4_source_ranges entries of service_id
+
+
+def service_flags(entry: ServiceEntry) -> int:
+    """lb4_service_value.flags of a desired frontend (both scopes' slot 0 carry them)."""
+    flags = KIND_FLAGS[entry.kind]
+    if entry.affinity_timeout:
+        flags |= F_AFFINITY
+    if entry.drop_without_backends:
+        flags |= F_DROP
+    if entry.internal_backends is not None:
+        flags |= F_ETP_LOCAL | F_TWO_SCOPES
+    if entry.source_ranges:
+        flags |= F_SOURCE_RANGES
+    if entry.maglev_table_size:
+        flags |= F_MAGLEV
+    return flags
 
 
 class IdAllocator:
@@ -86,8 +127,8 @@ def _order(f: Frontend | Backend) -> tuple:
     return f.address, f.port, f.protocol.value
 
 
-def _frontend_key(f: Frontend, slot: int = 0) -> bytes:
-    return shared.service_key(f.address, f.port, f.protocol.number, slot)
+def _frontend_key(f: Frontend, slot: int = 0, scope: int = EXTERNAL) -> bytes:
+    return shared.service_key(f.address, f.port, f.protocol.number, slot, scope)
 
 
 class Reconciler:
@@ -123,24 +164,47 @@ class Reconciler:
             self.backend_flags[backend_id] = flags
         frontends, slots, junk = decode.services(self.maps[SERVICES].items(), F_AFFINITY)
         self._junk_keys.extend(junk)
+        ranges: dict[int, set[str]] = {}
+        self._junk_ranges: list[bytes] = []
+        if SOURCE_RANGES in self.maps:
+            for key, _ in self.maps[SOURCE_RANGES].items():
+                service_id, cidr = decode.source_range(key)
+                ranges.setdefault(service_id, set()).add(cidr)
         no_slots: dict[int, int] = {}
+        internal_kept: set[tuple] = set()
         for raw, (service_id, count, affinity, flags) in frontends.items():
-            fe = _frontend(*raw)
+            if raw[3] != EXTERNAL:
+                continue
+            fe = _frontend(*raw[:3])
             have = slots.get(raw, no_slots)
             ids = tuple(have.get(i, 0) for i in range(1, count + 1))
-            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity, flags)
+            internal_ids = None
+            inner = (*raw[:3], INTERNAL)
+            if flags & F_TWO_SCOPES and inner in frontends:
+                internal_kept.add(inner)
+                inner_have = slots.get(inner, no_slots)
+                internal_ids = tuple(inner_have.get(i, 0) for i in range(1, frontends[inner][1] + 1))
+            own_ranges = frozenset(ranges.pop(service_id, ())) if flags & F_SOURCE_RANGES else frozenset()
+            self.services[fe] = ProgrammedService(fe, service_id, ids, affinity, flags, internal_ids, own_ranges)
             self.service_ids.take(service_id)
-        # Slots beyond a frontend's count, or without a frontend, are leftovers of an
-        # interrupted sync: remember them so the next sync deletes them.
+        # Ranges no flagged frontend checks: unreachable, deleted by the next sync.
+        for service_id, cidrs in ranges.items():
+            self._junk_ranges += [shared.source_range_key(service_id, c) for c in sorted(cidrs)]
+        # Slots beyond a frontend's count, or without a frontend, and internal scopes no frontend
+        # flags, are leftovers of an interrupted sync: remember them so the next sync deletes them.
         self._stale_slots = []
+        for raw in frontends.keys() - internal_kept:
+            if raw[3] == INTERNAL:
+                self._stale_slots.append((_frontend(*raw[:3]), 0, INTERNAL))
         for raw, have in slots.items():
-            count = frontends[raw][1] if raw in frontends else 0
+            count = frontends[raw][1] if raw in frontends and (raw[3] == EXTERNAL or raw in internal_kept) else 0
             if max(have) > count:
-                fe = _frontend(*raw)
-                self._stale_slots += [(fe, slot) for slot in have if slot > count]
+                fe = _frontend(*raw[:3])
+                self._stale_slots += [(fe, slot, raw[3]) for slot in have if slot > count]
         if AFFINITY in self.maps:   # left by a sync that failed before it could drop them
             in_use = {p.service_id for p in self.services.values()}
             self._forget_affinity(lambda service_id: service_id not in in_use)
+        self.maglev = maglev.Tables(self.maps.get(maglev.MAGLEV))
         self.dirty = False
 
     # --- the sync ----------------------------------------------------------------------------------
@@ -183,12 +247,15 @@ class Reconciler:
 
         # 0. slots no frontend counts (an interrupted sync), entries of protocols lbctl does not
         #    program (not lbctl's): unreachable, so safe to drop first
-        for fe, slot in self._stale_slots:
-            services.delete(_frontend_key(fe, slot))
+        for fe, slot, scope in sorted(self._stale_slots, key=lambda s: s[1]):   # slot 0 first
+            services.delete(_frontend_key(fe, slot, scope))
         self._stale_slots = []
         for key in self._junk_keys:
             services.delete(key)
         self._junk_keys = []
+        if self._junk_ranges:
+            self.maps[SOURCE_RANGES].delete_batch(self._junk_ranges)
+            self._junk_ranges = []
 
         # 1. services no longer wanted, first, so that what they free (map room, ids) serves
         #    the additions below: frontend first (no new packet selects it), then its slots
@@ -198,6 +265,10 @@ class Reconciler:
             services.delete(_frontend_key(fe, 0))
             for slot in range(1, len(gone.backend_ids) + 1):
                 services.delete(_frontend_key(fe, slot))
+            self._delete_internal(fe, gone)
+            if gone.source_ranges:
+                self.maps[SOURCE_RANGES].delete_batch(
+                    [shared.source_range_key(gone.service_id, c) for c in sorted(gone.source_ranges)])
             del self.services[fe]
             self.service_ids.release(gone.service_id)
             released.append(gone.service_id)
@@ -222,28 +293,41 @@ class Reconciler:
             self.backend_flags[backend_id] = 0
         result.backends_added += len(new_backends)
 
-        # 3. new and changed services: all their slots, then their frontends, then surplus
-        #    slots (batched per step, so each frontend is still written after its own slots)
+        # 3. new and changed services: ranges they gain, internal scopes (slots, then slot 0),
+        #    all their slots, then their frontends, then surplus slots, internal scopes no
+        #    longer flagged and ranges no longer wanted (batched per step, so each frontend is
+        #    still written after what it makes reachable)
+        range_writes: list[tuple[bytes, bytes]] = []
+        inner_slot_writes: list[tuple[bytes, bytes]] = []
+        inner_frontend_writes: list[tuple[bytes, bytes]] = []
         slot_writes: list[tuple[bytes, bytes]] = []
         frontend_writes: list[tuple[bytes, bytes]] = []
         surplus: list[bytes] = []
+        range_deletes: list[bytes] = []
         new_ids: list[int] = []
         programmed: list[ProgrammedService] = []
+        maglev_writes: list[tuple[int, ServiceEntry]] = []
         for fe in sorted(desired.services, key=_order):
             entry = desired.services[fe]
-            flags = (F_CLUSTERIP | (F_AFFINITY if entry.affinity_timeout else 0)
-                     | (F_DROP if entry.drop_without_backends else 0))
+            flags = service_flags(entry)
             old = self.services.get(fe)
-            missing = [b for b in entry.backends if b not in self.backend_ids]
-            if missing or len(entry.backends) > MAX_SLOTS:
+            wanted = (*entry.backends, *(entry.internal_backends or ()))
+            missing = [b for b in wanted if b not in self.backend_ids]
+            largest = max(len(entry.backends), len(entry.internal_backends or ()))
+            if missing or largest > MAX_SLOTS:
                 why = (f"{len(missing)} backend(s) got no id" if missing
-                       else f"{len(entry.backends)} endpoints, the datapath takes {MAX_SLOTS}")
+                       else f"{largest} endpoints, the datapath takes {MAX_SLOTS}")
                 result.errors.append(f"{entry.name} ({fe}): {why}; "
                                      f"{'left as it was' if old else 'not programmed'}")
                 continue
             ids = tuple(self.backend_ids[b] for b in entry.backends)
-            if old is not None and (old.backend_ids, old.affinity_timeout, old.flags) == (
-                    ids, entry.affinity_timeout, flags):
+            internal_ids = (None if entry.internal_backends is None
+                            else tuple(self.backend_ids[b] for b in entry.internal_backends))
+            ranges = frozenset(entry.source_ranges)
+            if old is not None and (old.backend_ids, old.internal_ids, old.affinity_timeout, old.flags,
+                                    old.source_ranges) == (ids, internal_ids, entry.affinity_timeout,
+                                                           flags, ranges) and not self.maglev.stale(
+                                                               old.service_id, entry, self.backend_ids):
                 continue
             if old is None:
                 try:
@@ -256,28 +340,50 @@ class Reconciler:
             else:
                 service_id = old.service_id
                 result.updated += 1
+            old_ranges = old.source_ranges if old else frozenset()
+            range_writes += [(shared.source_range_key(service_id, c), RANGE_PRESENT)
+                             for c in sorted(ranges - old_ranges)]
+            range_deletes += [shared.source_range_key(service_id, c) for c in sorted(old_ranges - ranges)]
+            head = dict(service_id=service_id, flags=flags, affinity_timeout=entry.affinity_timeout)
+            old_inner = old.internal_ids if old and old.internal_ids is not None else ()
+            if internal_ids is not None:
+                inner_slot_writes += self._slot_writes(fe, internal_ids, old_inner, service_id, INTERNAL)
+                inner_frontend_writes.append((_frontend_key(fe, 0, INTERNAL),
+                                              shared.service_value(count=len(internal_ids), **head)))
+                surplus += [_frontend_key(fe, slot, INTERNAL)
+                            for slot in range(len(internal_ids) + 1, len(old_inner) + 1)]
             old_ids = old.backend_ids if old else ()
-            for slot, backend_id in enumerate(ids, start=1):
-                if slot > len(old_ids) or old_ids[slot - 1] != backend_id:
-                    slot_writes.append((_frontend_key(fe, slot),
-                                        shared.service_value(backend_id=backend_id, service_id=service_id)))
-            frontend_writes.append((_frontend_key(fe, 0),
-                                    shared.service_value(count=len(ids), service_id=service_id, flags=flags,
-                                                         affinity_timeout=entry.affinity_timeout)))
+            slot_writes += self._slot_writes(fe, ids, old_ids, service_id, EXTERNAL)
+            frontend_writes.append((_frontend_key(fe, 0), shared.service_value(count=len(ids), **head)))
             surplus += [_frontend_key(fe, slot) for slot in range(len(ids) + 1, len(old_ids) + 1)]
-            programmed.append(ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags))
+            if internal_ids is None and old is not None and old.internal_ids is not None:
+                surplus += [_frontend_key(fe, slot, INTERNAL) for slot in range(len(old.internal_ids) + 1)]
+            maglev_writes.append((service_id, entry))
+            programmed.append(ProgrammedService(fe, service_id, ids, entry.affinity_timeout, flags,
+                                                internal_ids, ranges))
         self._zero(SERVICE_STATS, new_ids)
+        for service_id, entry in maglev_writes:   # tables before the frontends that name them
+            self.maglev.write(service_id, entry, self.backend_ids)
+        if range_writes or range_deletes:
+            if SOURCE_RANGES not in self.maps:
+                raise OSError(2, f"no {SOURCE_RANGES} map to hold loadBalancerSourceRanges")
+            self.maps[SOURCE_RANGES].update_batch(range_writes)
+        services.update_batch(inner_slot_writes)
+        services.update_batch(inner_frontend_writes)
         services.update_batch(slot_writes)
         services.update_batch(frontend_writes)
         for key in surplus:
             services.delete(key)
+        if range_deletes:
+            self.maps[SOURCE_RANGES].delete_batch(range_deletes)
         for p in programmed:   # the mirror follows the maps, once they hold it
             self.services[p.frontend] = p
+        self.maglev.prune(self.services.values())   # tables no Maglev frontend names any more
 
         # 4. backends: those in no slot but still draining established flows are flagged (no
         #    new flow, no affinity); the rest no slot names any more are deleted (their flows
         #    choose again)
-        in_slots = {i for s in self.services.values() for i in s.backend_ids}
+        in_slots = {i for s in self.services.values() for i in (*s.backend_ids, *(s.internal_ids or ()))}
         draining = {self.backend_ids[b] for e in desired.services.values() for b in e.draining
                     if b in self.backend_ids} - in_slots
         for backend, backend_id in sorted(self.backend_ids.items(), key=lambda kv: kv[1]):
@@ -297,6 +403,21 @@ class Reconciler:
             backends.delete(shared.u32(backend_id))
             self._junk_backends.remove(backend_id)
             self.backend_alloc.release(backend_id)
+
+    @staticmethod
+    def _slot_writes(fe: Frontend, ids: tuple[int, ...], old_ids: tuple[int, ...], service_id: int,
+                     scope: int) -> list[tuple[bytes, bytes]]:
+        """The slots of one scope that differ from what it held."""
+        return [(_frontend_key(fe, slot, scope), shared.service_value(backend_id=backend_id, service_id=service_id))
+                for slot, backend_id in enumerate(ids, start=1)
+                if slot > len(old_ids) or old_ids[slot - 1] != backend_id]
+
+    def _delete_internal(self, fe: Frontend, gone: ProgrammedService) -> None:
+        """A removed frontend's internal scope: its slot 0, then its slots (unreachable already)."""
+        if gone.internal_ids is None:
+            return
+        for slot in range(len(gone.internal_ids) + 1):
+            self.maps[SERVICES].delete(_frontend_key(fe, slot, INTERNAL))
 
     def _forget_affinity(self, released: Callable[[int], bool]) -> None:
         """Drops affinity entries of service ids no frontend uses (`released(id)` is true):
