@@ -124,10 +124,10 @@
 #define LB_STAT_DROP_SOURCE_RANGE 15  /* source outside loadBalancerSourceRanges: drop mark */
 #define LB_STAT_DROP_ITP_LOCAL 16     /* iTP Local frontend without a local endpoint: drop mark */
 #define LB_STAT_MASQUERADE 17         /* packet given the masquerade mark */
-#define LB_STAT_PASS_UNTRACKED 18     /* uplink: a TCP segment without SYN to a frontend, of no
-				       * flow lbctl knows: passed to the stack (the reply of a
-				       * masqueraded flow whose SNAT port equals a frontend's is
-				       * netfilter's, not a new flow) */
+#define LB_STAT_PASS_UNTRACKED 18     /* a TCP segment without SYN to a NodePort, ExternalIP or
+				       * LoadBalancer frontend, of no flow lbctl knows: passed to
+				       * the stack (the reply of a masqueraded flow whose SNAT port
+				       * equals a frontend's is netfilter's, not a new flow) */
 #define LB_STAT_XDP_NO_META 19        /* XDP could not reserve its metadata: passed untouched,
 				       * for the tc program's full path */
 #define LB_STAT_MAX 20

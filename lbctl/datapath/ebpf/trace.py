@@ -147,6 +147,7 @@ class Step:
     slot: int
     count: int
     output: Frame | None
+    mark: int = 0                   # bits the packet leaves with (masquerade, drop)
 
     def has(self, name: str) -> bool:
         return name in self.flags or name in self.counted
@@ -301,7 +302,7 @@ class Tracer:
                     counted=[n for i, n in enumerate(names) if r.stats & (1 << i)],
                     flags=[n for bit, n in sorted(FLAG_NAMES.items()) if r.flags & bit],
                     service_id=r.service_id, backend_id=r.backend_id, ct_backend_id=r.ct_backend_id,
-                    slot=r.slot, count=r.count, output=read_frame(res.data))
+                    slot=r.slot, count=r.count, output=read_frame(res.data), mark=r.mark)
         return step, res.data
 
     def trace(self, packet: Packet) -> Trace:
@@ -428,13 +429,30 @@ def _explain_service(pin_dir: str, t: Trace, step: Step) -> None:
         t.notes.append("a TCP segment without SYN and no conntrack entry (evicted, or a flow older "
                        "than the maps): balanced as a new flow, so a backend that never saw the "
                        "connection answers with a RST")
+    if step.has("masquerade"):
+        t.notes.append(f"leaves with the masquerade mark ({step.mark:#x}): lbctl's POSTROUTING rule "
+                       "masquerades the source, as kube-proxy's KUBE-POSTROUTING")
+    dropped_by_mark = (f": leaves untouched with the drop mark ({step.mark:#x}), which lbctl's "
+                       "filter rule drops (kube-proxy's KUBE-MARK-DROP)")
+    if step.has("source_range_drop"):
+        t.decision, t.reason = "drop", "source outside the service's loadBalancerSourceRanges" + dropped_by_mark
+        return
+    if step.has("pass_untracked"):
+        t.decision, t.reason = "pass", ("a TCP segment without SYN to a NodePort/external address, of "
+                                        "no flow lbctl tracks: passed to the stack (a reply to a "
+                                        "connection netfilter masqueraded is netfilter's)")
+        return
+    if step.has("no_backend") and step.has("svc_drop"):
+        t.backend = None
+        policy = ("externalTrafficPolicy Local" if step.has("drop_etp_local")
+                  else "internalTrafficPolicy Local")
+        t.decision, t.reason = "drop", (f"no endpoints and the frontend says drop ({policy} without "
+                                        "a local endpoint)" + dropped_by_mark)
+        return
     if step.has("no_backend"):
         if step.verdict == "drop":
             t.backend = None
-            if step.has("svc_drop"):
-                t.decision, t.reason = "drop", ("no endpoints and the frontend says drop "
-                                                "(internalTrafficPolicy Local without a local endpoint)")
-            elif step.count:
+            if step.count:
                 t.decision, t.reason = "drop", f"slot {step.slot} names no backend (a service half made?)"
             else:
                 t.decision, t.reason = "drop", ("no endpoints, and this packet gets no reject either "
