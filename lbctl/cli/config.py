@@ -126,10 +126,39 @@ def kube_proxy_config(mode: str, args, *, rendering: bool = False):
 
 
 def datapath_config(args) -> ebpf.DatapathConfig:
-    """The eBPF datapath's configuration from `lbctl run`'s flags."""
+    """The eBPF datapath's configuration from `lbctl run`'s flags. --uplink-devices not given:
+    the default route's interface (none without a default route); "none": no uplink."""
     devices = tuple(x for x in getattr(args, "devices", "").split(",") if x) or ebpf.DEFAULT_DEVICES
+    uplinks_flag = getattr(args, "uplink_devices", None)
+    if uplinks_flag is None:
+        from lbctl.datapath.ebpf.mode import default_uplinks
+
+        uplinks = default_uplinks()
+    elif uplinks_flag.strip() == "none":
+        uplinks = ()
+    else:
+        uplinks = tuple(x.strip() for x in uplinks_flag.split(",") if x.strip())
     return ebpf.DatapathConfig(
         pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
         services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
-        node_name=node_name(args), maglev_table_size=getattr(args, "maglev_table_size",
-                                                             ebpf.DatapathConfig.maglev_table_size))
+        uplink_devices=uplinks, xdp=getattr(args, "xdp", "auto"), node_name=node_name(args),
+        maglev_table_size=getattr(args, "maglev_table_size", ebpf.DatapathConfig.maglev_table_size))
+
+
+def proxy_settings(args):
+    """The kube-proxy flags the eBPF mode takes (ProxySettings); ValueError naming the flag
+    when a value is bad. No --node-ip and no default route: no node IP (NodePorts still on
+    every local address)."""
+    from lbctl.datapath.ebpf.mode import ProxySettings
+    from lbctl.datapath.kubeproxy import proxier
+
+    errors = flag_errors(args)
+    if errors:
+        raise ValueError("; ".join(errors))
+    node_ips = tuple(args.node_ip or ())
+    if not node_ips:
+        primary = proxier.primary_ipv4()
+        node_ips = (primary,) if primary else ()
+    return ProxySettings(node_ips=node_ips, nodeport_addresses=nodeport_addresses(args),
+                         cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
+                         masquerade_bit=args.masquerade_bit)

@@ -41,7 +41,7 @@ def build_mode(args):
 
     if args.mode == "ebpf":
         from lbctl.datapath.ebpf.mode import EbpfMode
-        return EbpfMode(config.datapath_config(args))
+        return EbpfMode(config.datapath_config(args), settings=config.proxy_settings(args))
     cfg = config.kube_proxy_config(args.mode, args)
     if args.mode in ("iptables", "nftables"):
         from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode
@@ -126,7 +126,9 @@ def _run(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         if args.mode == "ebpf":
-            log.info("lbctl run: %s, devices %s, maps %s", where, ",".join(mode.cfg.devices), mode.cfg.pin_dir)
+            log.info("lbctl run: %s, devices %s, uplinks %s, maps %s", where,
+                     ",".join(mode.cfg.devices), ",".join(mode.cfg.uplink_devices) or "none",
+                     mode.cfg.pin_dir)
         else:
             log.info("lbctl run --mode %s: %s", args.mode, where)
         try:
@@ -367,8 +369,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "iptables, nftables or ipvs mode (%(default)s)")
     run.add_argument("--devices", default=",".join(ebpf.DEFAULT_DEVICES),
                      help="ebpf: comma-separated link name patterns to attach to (%(default)s)")
+    run.add_argument("--uplink-devices", default=None, metavar="PATTERNS",
+                     help="ebpf: the node's links towards other nodes and outside (NodePort, "
+                          "externalIPs, LoadBalancer from outside): XDP and tc programs; "
+                          "comma-separated patterns, \"none\" for none (default: the default "
+                          "route's interface)")
+    run.add_argument("--xdp", default="auto", choices=["auto", "native", "generic", "off"],
+                     help="ebpf: XDP on uplinks: native, else generic (auto), only one of them, "
+                          "or off (tc alone) (%(default)s)")
     _datapath_args(run)
-    kp = run.add_argument_group("kube-proxy modes (iptables, nftables, ipvs)")
+    kp = run.add_argument_group("kube-proxy's flags (every mode; ebpf takes --node-ip, --cluster-cidr, "
+                                "--masquerade-all, --nodeport-addresses, --masquerade-bit)")
     config.add_kube_proxy_flags(kp, required=False)
     kp.add_argument("--full-sync-every", type=argtypes.positive_int, default=10, metavar="N",
                     help="iptables/nftables: every Nth sync rewrites everything, the others only "

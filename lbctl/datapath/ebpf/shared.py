@@ -134,25 +134,6 @@ def service_value(backend_id: int = 0, count: int = 0, flags: int = 0, service_i
                service_id=service_id)
 
 
-def source_range_key(service_id: int, cidr: str) -> bytes:
-    """An lb4_source_ranges key: the service id (32 bits, always matched) then the range."""
-    network = ipaddress.IPv4Network(cidr, strict=False)
-    return new("lb4_source_range_key", prefixlen=32 + network.prefixlen, service_id=service_id,
-               address=be32(str(network.network_address)))
-
-
-def config_value(cluster_cidr: str | None = None, masquerade_all: bool = False,
-                 masq_mark: int = 0, drop_mark: int = 0) -> bytes:
-    """lb4_config[0]: --cluster-cidr (IPv4 or none), --masquerade-all, the two marks."""
-    flags = const("LB_CFG_F_MASQUERADE_ALL") if masquerade_all else 0
-    values: dict = {}
-    if cluster_cidr:
-        network = ipaddress.IPv4Network(cluster_cidr, strict=False)
-        flags |= const("LB_CFG_F_CLUSTER_CIDR")
-        values.update(cluster_cidr=be32(str(network.network_address)), cluster_prefix_len=network.prefixlen)
-    return new("lb4_config", flags=flags, masq_mark=masq_mark, drop_mark=drop_mark, **values)
-
-
 def backend_value(address: str, port: int, proto: int, flags: int = 0) -> bytes:
     return new("lb4_backend", address=be32(address), port=be16(port), proto=proto, flags=flags)
 
