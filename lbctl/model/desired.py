@@ -32,22 +32,65 @@ from lbctl.model.objects import (
 )
 
 
-def service_ports(snapshot: ClusterSnapshot) -> tuple[ServicePortInfo, ...]:
+class PortsCache:
+    """The service ports of each service as last computed, with the objects they came from.
+
+    A source keeps unchanged objects as the same Python objects from one snapshot to the next
+    (the Kubernetes source per resourceVersion, the manifest source per unchanged file), so a
+    service whose Service and slices are the very objects of last time gets the very
+    ``ServicePortInfo`` objects of last time, without recomputing them. Downstream caches
+    (the eBPF reconciler's mirror) compare against them in turn: one changed EndpointSlice at 10,000
+    services costs one service's work.
+    """
+
+    def __init__(self) -> None:
+        self._by_service: dict[str, tuple[Service, tuple[EndpointSlice, ...], tuple[ServicePortInfo, ...]]] = {}
+
+    def get(self, key: str, service: Service, slices: tuple[EndpointSlice, ...]) -> tuple[ServicePortInfo, ...]:
+        cached = self._by_service.get(key)
+        if cached is not None and cached[0] is service and _same(cached[1], slices):
+            return cached[2]
+        infos = _service_port_infos(service, slices)
+        self._by_service[key] = (service, slices, infos)
+        return infos
+
+    def forget_except(self, keys) -> None:
+        for key in self._by_service.keys() - keys:
+            del self._by_service[key]
+
+
+def _same(a: tuple, b: tuple) -> bool:
+    """The same objects, in the same order (identity: equal-but-new objects are recomputed)."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def service_ports(snapshot: ClusterSnapshot, cache: PortsCache | None = None) -> tuple[ServicePortInfo, ...]:
     """One ``ServicePortInfo`` per port of every service, ordered by service key, then port.
 
     Endpoints come from the service's slices of its IP family, from the slice port with the same
     name and protocol as the service port (kube-proxy matches by name, since the number behind a
     named targetPort can differ per pod). An endpoint listed twice (two slices, or an Endpoints
     object mirrored next to its slices) counts once, its most usable copy kept.
+
+    With ``cache``, services whose objects did not change since the last call reuse its result.
     """
-    infos = []
+    infos: list[ServicePortInfo] = []
     for key in sorted(snapshot.services):
         service = snapshot.services[key]
-        family = _endpoint_family(service)
-        slices = [s for s in snapshot.slices.get(key, ()) if s.address_type == family]
-        for port in sorted(service.ports, key=_port_order):
-            infos.append(ServicePortInfo(service, port, _endpoints_for(port, slices)))
+        slices = tuple(snapshot.slices.get(key, ()))
+        infos.extend(cache.get(key, service, slices) if cache is not None
+                     else _service_port_infos(service, slices))
+    if cache is not None:
+        cache.forget_except(snapshot.services.keys())
     return tuple(infos)
+
+
+def _service_port_infos(service: Service, all_slices: Sequence[EndpointSlice]) -> tuple[ServicePortInfo, ...]:
+    """The service ports of one service, from its slices."""
+    family = _endpoint_family(service)
+    slices = [s for s in all_slices if s.address_type == family]
+    return tuple(ServicePortInfo(service, port, _endpoints_for(port, slices))
+                 for port in sorted(service.ports, key=_port_order))
 
 
 @dataclass(frozen=True)

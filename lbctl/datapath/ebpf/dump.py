@@ -121,7 +121,8 @@ def _sum_stats(values) -> tuple[int, int, int]:
 def _stats_of(stats_map: BpfMap, ids: set[int]) -> dict[int, tuple[int, int, int]]:
     """Counters of `ids`: one lookup each when they are few, else one batched walk of the
     whole array (a lookup per id would be a syscall per service)."""
-    if len(ids) * 8 < getattr(stats_map, "info", stats_map).max_entries:
+    size: int = getattr(stats_map, "info", stats_map).max_entries
+    if len(ids) * 8 < size:
         return {i: _sum_stats(stats_map.lookup(shared.u32(i))) for i in ids}
     return {i: _sum_stats(value) for key, value in stats_map.items()
             if (i := decode.u32(key)[0]) in ids}
