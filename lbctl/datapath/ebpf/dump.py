@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from lbctl.datapath.ebpf import decode, shared
 from lbctl.datapath.ebpf.bpfsys import BpfMap
@@ -121,7 +122,8 @@ def _sum_stats(values) -> tuple[int, int, int]:
 def _stats_of(stats_map: BpfMap, ids: set[int]) -> dict[int, tuple[int, int, int]]:
     """Counters of `ids`: one lookup each when they are few, else one batched walk of the
     whole array (a lookup per id would be a syscall per service)."""
-    size: int = getattr(stats_map, "info", stats_map).max_entries
+    holder: Any = getattr(stats_map, "info", stats_map)
+    size: int = holder.max_entries
     if len(ids) * 8 < size:
         return {i: _sum_stats(stats_map.lookup(shared.u32(i))) for i in ids}
     return {i: _sum_stats(value) for key, value in stats_map.items()
