@@ -252,3 +252,25 @@ class TestLifecycle:
             assert not (tmp_path / "manifests").exists()
         finally:
             lab.lab_down(spec.prefix)
+
+
+@pytest.mark.root
+def test_spawned_servers_do_not_keep_the_callers_descriptors(tmp_path):
+    """A lab server lives for an hour: it must not hold what its starter inherited, e.g. the
+    lock of `flock FILE lbctl lab up` (which once blocked every other user of that lock)."""
+    ns = f"lbfd{os.getpid() % 100000}"
+    read_end, write_end = os.pipe()
+    os.set_inheritable(write_end, True)           # as a descriptor inherited from flock(1)
+    netns.add_netns(ns)
+    try:
+        pid = netns.spawn_in(ns, ["sleep", "30"], tmp_path / "log")
+        try:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert os.readlink(f"/proc/self/fd/{write_end}") not in held
+        finally:
+            netns.stop_process(pid)
+            netns.reap(pid)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+        netns.del_netns(ns)

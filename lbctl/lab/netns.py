@@ -230,11 +230,28 @@ def spawn_in(ns: str, argv: list[str], log: Path, env: dict[str, str] | None = N
         (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),
     ]
+    # posix_spawn, unlike Popen, keeps every inheritable descriptor the caller has: a server
+    # living for an hour would hold whatever its starter inherited (a `flock FILE cmd` lock,
+    # a pipe a test harness waits on to close) for that hour.
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd > 2]
     # Default dispositions and no blocked signals, whatever the caller had (a shell's background
     # job ignores SIGINT): stop_process relies on SIGTERM.
     return os.posix_spawn(full[0], full, env if env is not None else dict(os.environ),
                           file_actions=actions, setsid=True, setsigmask=(),
                           setsigdef=(signal.SIGINT, signal.SIGTERM))
+
+
+def _inheritable_fds() -> list[int]:
+    """This process's descriptors that a spawned child would inherit (no close-on-exec)."""
+    fds = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        try:
+            if os.get_inheritable(fd):
+                fds.append(fd)
+        except OSError:        # the descriptor listdir itself used, closed meanwhile
+            continue
+    return fds
 
 
 def process_state(pid: int) -> str | None:
