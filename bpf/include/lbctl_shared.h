@@ -198,4 +198,28 @@ struct lb4_trace_result {
 	__u16 count;                  /* the frontend's slot count */
 };
 
+/* lb4_reverse_sk: host-originated traffic is balanced where the socket names its destination
+ * (cgroup connect4/sendmsg4, bpf/prog/lbctl_sock.c): the socket is sent to the backend itself
+ * and no packet is rewritten. This map remembers, per socket and backend, the frontend the
+ * application asked for, so that getpeername() and recvfrom() answer with it (recvmsg4,
+ * getpeername4), as Cilium's lb4_reverse_sk. LRU: entries of closed sockets fall out. */
+#ifndef LB_REVERSE_SK_MAP_SIZE
+#define LB_REVERSE_SK_MAP_SIZE 65536
+#endif
+
+struct lb4_reverse_sk_key {
+	__u64 cookie;                 /* bpf_get_socket_cookie(): one socket, machine-wide */
+	__be32 address;               /* the backend the socket was sent to */
+	__be16 port;
+	__u8 pad[2];
+};
+
+struct lb4_reverse_sk_value {
+	__be32 address;               /* the frontend: cluster IP, node address, external IP */
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__u32 service_id;             /* the frontend's, to notice it was removed or reassigned */
+};
+
 #endif /* LBCTL_SHARED_H */
