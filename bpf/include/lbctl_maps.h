@@ -36,6 +36,13 @@ BPF_TABLE_PINNED("percpu_array", __u32, struct lb_stats, lb_backend_stats,
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, lb_global_stats,
 		 LB_STAT_MAX, LB_PIN_DIR "/lb_global_stats");
 
+/* loadBalancerSourceRanges, per service (see struct lb4_source_range_key). */
+BPF_TABLE_PINNED("lpm_trie", struct lb4_source_range_key, __u8, lb4_source_ranges,
+		 LB_SOURCE_RANGES_MAP_SIZE, LB_PIN_DIR "/lb4_source_ranges", BPF_F_NO_PREALLOC);
+
+/* The datapath's settings (struct lb4_config), index 0. */
+BPF_TABLE_PINNED("array", __u32, struct lb4_config, lb4_config, 1, LB_PIN_DIR "/lb4_config");
+
 #ifdef LB_TRACE
 /* `lbctl trace` only (never pinned): what the traced packet made the program decide. */
 BPF_ARRAY(lb_trace, struct lb4_trace_result, 1);

@@ -28,6 +28,9 @@
 #ifndef LB_CT_MAP_SIZE
 #define LB_CT_MAP_SIZE 262144         /* connection tracking entries (2 per flow) */
 #endif
+#ifndef LB_SOURCE_RANGES_MAP_SIZE
+#define LB_SOURCE_RANGES_MAP_SIZE 16384 /* loadBalancerSourceRanges prefixes, all services */
+#endif
 
 /* Connection tracking lifetimes, seconds (as Cilium's defaults: kube-proxy leaves TCP to
  * nf_conntrack, whose established timeout it raises to 1 day; 6 h is what Cilium uses). */
@@ -38,14 +41,34 @@
 #define LB_CT_LIFETIME_CLOSING 10       /* after a RST, or a FIN from each side */
 #define LB_CT_REFRESH_NS 1000000000ULL  /* rewrite a live entry's last_seen at most once a second */
 
-/* lb4_service_key.scope */
-#define LB_SCOPE_EXTERNAL 0           /* ClusterIP: the one scope of this milestone */
+/* lb4_service_key.scope: which slot set of a frontend a packet is balanced over (Cilium's
+ * two-scope services). Each scope is a frontend of its own: slot 0 (count, flags, service_id)
+ * and slots 1..count. */
+#define LB_SCOPE_EXTERNAL 0           /* every frontend's default set. ClusterIP: its endpoints
+				       * (iTP Local: the node's own). NodePort, ExternalIP and
+				       * LoadBalancer with eTP Local: the node's own endpoints only */
+#define LB_SCOPE_INTERNAL 1           /* all the cluster's endpoints, for traffic from inside the
+				       * cluster (pods on this node, sources in the cluster CIDR);
+				       * present only when scope 0's slot 0 has LB_SVC_F_TWO_SCOPES */
 
-/* lb4_service_value.flags (slot 0 only) */
+/* lb4_service_value.flags (slot 0 only). One type flag per frontend (CLUSTERIP, NODEPORT,
+ * EXTERNAL_IP, LOADBALANCER); the others are options. */
 #define LB_SVC_F_CLUSTERIP 0x01       /* a ClusterIP frontend */
 #define LB_SVC_F_AFFINITY 0x02        /* sessionAffinity: ClientIP; timeout in affinity_timeout */
-#define LB_SVC_F_DROP 0x04            /* count 0 means drop, not reject (internalTrafficPolicy
-				       * Local without a local endpoint, as kube-proxy does) */
+#define LB_SVC_F_DROP 0x04            /* count 0 means drop, not reject: the packet leaves with
+				       * the drop mark, as kube-proxy's DROP for iTP Local (or, in
+				       * scope 0 with LB_SVC_F_ETP_LOCAL, eTP Local) without a local
+				       * endpoint while the cluster has some */
+#define LB_SVC_F_NODEPORT 0x08        /* a NodePort frontend: one per node address taking them */
+#define LB_SVC_F_EXTERNAL_IP 0x10     /* a spec.externalIPs address */
+#define LB_SVC_F_LOADBALANCER 0x20    /* a status.loadBalancer.ingress IP */
+#define LB_SVC_F_ETP_LOCAL 0x40       /* externalTrafficPolicy Local: external traffic keeps its
+				       * source and goes to scope 0 (local endpoints); without
+				       * it, external traffic is masqueraded */
+#define LB_SVC_F_TWO_SCOPES 0x80      /* internal traffic uses scope LB_SCOPE_INTERNAL */
+#define LB_SVC_F_SOURCE_RANGES 0x100  /* loadBalancerSourceRanges: a source must match the
+				       * service's prefixes in lb4_source_ranges, else drop mark */
+#define LB_SVC_F_MAGLEV 0x200         /* Maglev consistent hashing instead of uniform random */
 
 /* lb4_backend.flags */
 #define LB_BACKEND_F_DRAINING 0x01    /* in no slot: only established flows (and no affinity) */
@@ -56,6 +79,7 @@
 
 /* lb4_ct_value.flags: fixed when the flow is created, never written afterwards */
 #define LB_CT_F_HAIRPIN 0x02          /* a pod reached itself: source rewritten to LB_HAIRPIN_ADDR */
+#define LB_CT_F_MASQUERADE 0x04       /* the flow's client packets leave with the masquerade mark */
 
 /* lb4_ct_value.tx_state / rx_state: what each side of a flow has sent. The two directions of a
  * flow are usually handled on two CPUs at once, so each byte has one writer: tx_state only the
@@ -95,7 +119,61 @@
 #define LB_STAT_SVC_MIDFLOW_MISS 13   /* TCP segment without SYN to a service, no forward entry
 				       * (evicted, or a flow older than the maps): balanced as a new
 				       * flow, so a backend that never saw it answers with a RST */
-#define LB_STAT_MAX 14
+#define LB_STAT_DROP_ETP_LOCAL 14     /* external traffic to an eTP Local frontend without a
+				       * local endpoint: drop mark */
+#define LB_STAT_DROP_SOURCE_RANGE 15  /* source outside loadBalancerSourceRanges: drop mark */
+#define LB_STAT_DROP_ITP_LOCAL 16     /* iTP Local frontend without a local endpoint: drop mark */
+#define LB_STAT_MASQUERADE 17         /* packet given the masquerade mark */
+#define LB_STAT_PASS_UNTRACKED 18     /* uplink: a TCP segment without SYN to a frontend, of no
+				       * flow lbctl knows: passed to the stack (the reply of a
+				       * masqueraded flow whose SNAT port equals a frontend's is
+				       * netfilter's, not a new flow) */
+#define LB_STAT_XDP_NO_META 19        /* XDP could not reserve its metadata: passed untouched,
+				       * for the tc program's full path */
+#define LB_STAT_MAX 20
+
+/* Marks, as kube-proxy's (KUBE-MARK-MASQ, KUBE-MARK-DROP): the datapath ORs them into
+ * skb->mark; one constant POSTROUTING rule masquerades 0x4000, one filter rule drops 0x8000.
+ * lb4_config may name other bits (--iptables-masquerade-bit). */
+#define LB_MARK_MASQ_DEFAULT 0x4000
+#define LB_MARK_DROP_DEFAULT 0x8000
+
+/* lb4_config.flags */
+#define LB_CFG_F_MASQUERADE_ALL 0x01  /* --masquerade-all: every service packet is masqueraded */
+#define LB_CFG_F_CLUSTER_CIDR 0x02    /* cluster_cidr/cluster_prefix_len hold --cluster-cidr:
+				       * ClusterIP traffic from outside it is masqueraded, and
+				       * uplink traffic from inside it is internal */
+
+/* lb4_config: the datapath's settings, one entry (index 0) the control plane writes. All zero
+ * (never written) means kube-proxy's defaults: default marks, no cluster CIDR. */
+struct lb4_config {
+	__be32 cluster_cidr;          /* network address */
+	__u8 cluster_prefix_len;      /* 0..32 */
+	__u8 pad[3];
+	__u32 flags;                  /* LB_CFG_F_* */
+	__u32 masq_mark;              /* 0: LB_MARK_MASQ_DEFAULT */
+	__u32 drop_mark;              /* 0: LB_MARK_DROP_DEFAULT */
+};
+
+/* lb4_source_ranges: LPM trie of loadBalancerSourceRanges, per service. The first 32 bits of
+ * the prefix are the service id (always matched whole), the rest the range:
+ * prefixlen = 32 + the range's length. Value: 1. */
+struct lb4_source_range_key {
+	__u32 prefixlen;
+	__u32 service_id;             /* compared bytewise as any LPM key: host order on both sides */
+	__be32 address;
+};
+
+/* XDP -> tc on the same link: XDP cannot set skb->mark, so the uplink's XDP program leaves this
+ * in the packet's metadata (bpf_xdp_adjust_meta) for every packet it handled, and the tc
+ * ingress program only ORs `mark` into skb->mark. Without it (XDP not attached, or it could
+ * not reserve room) tc runs the whole path itself. */
+#define LB_XDP_META_MAGIC 0x6c627864  /* "lbxd" */
+
+struct lb_xdp_meta {
+	__u32 magic;                  /* LB_XDP_META_MAGIC */
+	__u32 mark;                   /* bits to OR into skb->mark; 0: none */
+};
 
 /* lb4_services: frontends and their backend slots, Cilium's layout.
  * Slot 0 is the frontend (VIP:port/proto) and holds `count`; slots 1..count hold backend ids. */
@@ -187,6 +265,10 @@ struct lb_stats {
 #define LB_TRACE_F_HAIRPIN 0x0040       /* a pod reaching itself: sent back out of its own link */
 #define LB_TRACE_F_REPLY 0x0080         /* the packet matched a reply entry */
 #define LB_TRACE_F_SVC_DROP 0x0100      /* no endpoints, and the frontend says drop (LB_SVC_F_DROP) */
+#define LB_TRACE_F_SOURCE_RANGE_DROP 0x0200 /* source outside loadBalancerSourceRanges */
+#define LB_TRACE_F_MASQUERADE 0x0400    /* the packet leaves with the masquerade mark */
+#define LB_TRACE_F_INTERNAL 0x0800      /* balanced over the frontend's internal scope */
+#define LB_TRACE_F_UPLINK 0x1000        /* handled as arriving by the uplink (lbctl trace --uplink) */
 
 struct lb4_trace_result {
 	__u32 stats;                  /* bit i set: the packet counted LB_STAT_i */
@@ -196,6 +278,7 @@ struct lb4_trace_result {
 	__u32 ct_backend_id;          /* the backend the flow's forward entry named */
 	__u16 slot;                   /* the slot a new flow picked (0: none, affinity or a hit) */
 	__u16 count;                  /* the frontend's slot count */
+	__u32 mark;                   /* the bits the packet leaves with (masquerade/drop mark) */
 };
 
 /* lb4_reverse_sk: host-originated traffic is balanced where the socket names its destination

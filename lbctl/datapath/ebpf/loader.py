@@ -20,7 +20,9 @@ from typing import Any
 
 from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
 from lbctl.datapath.ebpf import shared, source
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_ARRAY as MAP_ARRAY
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
+from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LPM_TRIE as MAP_LPM_TRIE
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LRU_HASH as MAP_LRU_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_PERCPU_ARRAY as MAP_PERCPU_ARRAY
 from lbctl.datapath.ebpf.bpfsys import BpfMap, map_info, obj_get, obj_pin
@@ -42,7 +44,7 @@ ETH_P_ALL = 0x0003
 
 PROGRAMS = {"ingress": "lb_tc_ingress", "egress": "lb_tc_egress"}
 MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_stats",
-        "lb_backend_stats", "lb_global_stats")
+        "lb_backend_stats", "lb_global_stats", "lb4_source_ranges", "lb4_config")
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class DatapathConfig:
             "lb_service_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_services),
             "lb_backend_stats": (MAP_PERCPU_ARRAY, 4, s("lb_stats"), self.max_backends),
             "lb_global_stats": (MAP_PERCPU_ARRAY, 4, 8, shared.const("LB_STAT_MAX")),
+            "lb4_source_ranges": (MAP_LPM_TRIE, s("lb4_source_range_key"), 1,
+                                  shared.const("LB_SOURCE_RANGES_MAP_SIZE")),
+            "lb4_config": (MAP_ARRAY, 4, s("lb4_config"), 1),
         }
 
 

@@ -36,7 +36,8 @@ typedef uint32_t __be32;
 """
 
 STRUCTS = ("lb4_service_key", "lb4_service_value", "lb4_backend", "lb4_ct_key", "lb4_ct_value",
-           "lb4_affinity_key", "lb4_affinity_value", "lb_stats", "lb4_trace_result")
+           "lb4_affinity_key", "lb4_affinity_value", "lb_stats", "lb4_trace_result", "lb4_config",
+           "lb4_source_range_key", "lb_xdp_meta")
 
 
 def _cdef_source(text: str) -> str:
