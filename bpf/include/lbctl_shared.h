@@ -130,7 +130,17 @@
 				       * netfilter's, not a new flow) */
 #define LB_STAT_XDP_NO_META 19        /* XDP could not reserve its metadata: passed untouched,
 				       * for the tc program's full path */
-#define LB_STAT_MAX 20
+#define LB_STAT_SOCK_CONNECT 20       /* socket LB: connect() of a host socket to a frontend sent
+				       * to a backend (TCP, connected UDP) */
+#define LB_STAT_SOCK_SENDMSG 21       /* socket LB: an unconnected UDP datagram to a frontend sent
+				       * to a backend */
+#define LB_STAT_SOCK_REVNAT 22        /* socket LB: recvfrom()/getpeername() answered with the
+				       * frontend instead of the backend */
+#define LB_STAT_SOCK_REVNAT_STALE 23  /* socket LB: a socket's frontend was removed or given to
+				       * another service: its backend's address is shown as is */
+#define LB_STAT_SOCK_REVERSE_FULL 24  /* socket LB: lb4_reverse_sk could not take an entry: the
+				       * connect()/sendmsg() failed with ENOMEM */
+#define LB_STAT_MAX 25
 
 /* Marks, as kube-proxy's (KUBE-MARK-MASQ, KUBE-MARK-DROP): the datapath ORs them into
  * skb->mark; one constant POSTROUTING rule masquerades 0x4000, one filter rule drops 0x8000.

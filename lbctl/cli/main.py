@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "iptables, nftables or ipvs mode (%(default)s)")
     run.add_argument("--devices", default=",".join(ebpf.DEFAULT_DEVICES),
                      help="ebpf: comma-separated link name patterns to attach to (%(default)s)")
+    run.add_argument("--cgroup-root", nargs="?", const="/sys/fs/cgroup/unified", default=None,
+                     metavar="CGROUP2_DIR",
+                     help="ebpf: balance host-originated traffic (the node's processes, hostNetwork "
+                          "pods) at the socket, with cgroup programs attached to this cgroup v2 "
+                          "directory; given alone: %(const)s, the whole node. Default: off")
     _datapath_args(run)
     kp = run.add_argument_group("kube-proxy modes (iptables, nftables, ipvs)")
     config.add_kube_proxy_flags(kp, required=False)

@@ -155,7 +155,15 @@ def collect(pin_dir: str) -> dict:
         "backends": len(backends),
         "conntrack_entries": ct_entries,
         "counters": counters,
+        "socket_lb": _socket_lb(pin_dir),
     }
+
+
+def _socket_lb(pin_dir: str) -> list[dict]:
+    """sock-lb: the cgroup attachments of the socket load balancer (lbctl.datapath.ebpf.sock)."""
+    from lbctl.datapath.ebpf import sock
+
+    return sock.attachments(pin_dir)
 
 
 def _plain(row: ServiceRow) -> dict:
@@ -181,6 +189,9 @@ def format_table(state: dict) -> str:
     lines.append("")
     lines.append(f"{len(state['services'])} service(s), {state['backends']} backend(s), "
                  f"{state['conntrack_entries']} conntrack entries (2 per flow) in {state['pin_dir']}")
+    for row in state.get("socket_lb", ()):   # sock-lb
+        lines.append(f"socket LB: {row['hook']:<13} cgroup {row['cgroup']}  (link {row['link_id']}, "
+                     f"program {row['program']} id {row['prog_id']})")
     counters = "  ".join(f"{k}={v}" for k, v in state["counters"].items() if v)
     lines.append(f"datapath counters: {counters or '(all zero)'}")
     return "\n".join(lines)

@@ -60,6 +60,7 @@ class DatapathConfig:
     affinity_size: int = shared.const("LB_AFFINITY_MAP_SIZE")        # sessionAffinity entries (client, service)
     devices: tuple[str, ...] = DEFAULT_DEVICES
     node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
+    cgroup_root: str | None = None   # socket LB of host traffic in this cgroup v2 (lbctl.datapath.ebpf.sock)
 
     def cflags(self) -> list[str]:
         return [

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 
 from lbctl.datapath.base import SyncResult, cleanup_other_modes
-from lbctl.datapath.ebpf import dump
+from lbctl.datapath.ebpf import dump, sock
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.reconcile import Reconciler
 from lbctl.model.desired import desired_state
@@ -33,9 +33,11 @@ class EbpfMode:
         self.problems: tuple = ()
         self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
         self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
+        self.sock: sock.SockLb | None = None        # sock-lb: socket programs (--cgroup-root)
 
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
+        self.sock = sock.start(self.cfg)   # sock-lb: host traffic, with --cgroup-root only
         self.reconciler = Reconciler(self.datapath.maps, self.cfg.max_services, self.cfg.max_backends)
         self._switched = False
         log.info("eBPF datapath loaded; %d services and %d backends restored from %s",
@@ -53,6 +55,8 @@ class EbpfMode:
             self.desired, self.problems = desired_state(ports, self.cfg.node_name,
                                                         self._holders(reconciler))
         result = reconciler.sync(self.desired)
+        if self.sock:   # sock-lb: UDP sockets connected to removed backends are destroyed
+            self.sock.after_sync(self._loaded()[0].maps, result)
         if not reconciler.dirty:
             self._write_names(reconciler)
             if not self._switched and self.switch_modes and (result.errors or self.failed):
@@ -86,6 +90,8 @@ class EbpfMode:
         if not os.path.exists(dump.state_file(self.cfg.pin_dir)):
             self._names = None          # removed (`lbctl cleanup --force`): written again
         result = reconciler.resync(self.desired)
+        if self.sock:   # sock-lb: links removed behind our back are made again
+            self.sock.verify()
         if not reconciler.dirty:
             self._write_names(reconciler)
         return result
@@ -170,12 +176,15 @@ class EbpfMode:
         else:
             log.info("exiting; programs stay attached and maps pinned under %s "
                      "(`lbctl cleanup` removes them)", self.cfg.pin_dir)
+        if self.sock is not None:
+            self.sock.close()
         if self.datapath is not None:
             self.datapath.close()
 
     @classmethod
     def cleanup(cls, cfg: ebpf.DatapathConfig = ebpf.DatapathConfig()) -> list[str]:
         links = ebpf.detach_all(cfg.tc_name)
+        sockets = sock.cleanup(cfg.pin_dir)   # sock-lb: cgroup links, lb4_reverse_sk
         maps = ebpf.remove_pins(cfg.pin_dir)
         dump.remove_names(cfg.pin_dir)
-        return [f"tc filter on {name}" for name in links] + [f"pinned map {m}" for m in maps]
+        return [f"tc filter on {name}" for name in links] + sockets + [f"pinned map {m}" for m in maps]
