@@ -8,9 +8,10 @@ sent on stdin, one JSON object a line, and answers each with one JSON line on st
 Not a test module (pytest finds nothing to run here): tests/test_sock_lb.py starts it.
 
     {"op": "tcp", "addr": A, "port": P}        connect, read the backend's line: who answered,
-                                               getpeername(), the client address it saw
-    {"op": "tcp_many", ..., "count": N}        N of those: the answering pods, and the seconds
-                                               the N connect()+reply took
+                                               getpeername(), the client address it saw, the
+                                               seconds connect() took
+    {"op": "tcp_many", ..., "count": N}        N of those: the answering pods, the seconds each
+                                               connect()+reply took, and their sum
     {"op": "udp_connect", "id": S, ...}        a connected UDP socket kept as S: getpeername()
     {"op": "udp_ask", "id": S}                 send on S, recvfrom(): who answered, from where
     {"op": "udp_recv", "id": S}                recvfrom() on S only
@@ -46,15 +47,20 @@ def reply_of(data: bytes) -> dict:
 def tcp(addr: str, port: int) -> dict:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(TIMEOUT)
+        start = time.perf_counter()
         try:
             s.connect((addr, port))
+        except OSError as exc:
+            return {**failure(exc), "stage": "connect"}
+        connect_s = time.perf_counter() - start
+        try:
             peer = list(s.getpeername())
             data = b""
             while not data.endswith(b"\n") and (chunk := s.recv(512)):
                 data += chunk
         except OSError as exc:
-            return failure(exc)
-    return {**reply_of(data), "peer": peer}
+            return {**failure(exc), "stage": "reply", "sport": s.getsockname()[1]}
+    return {**reply_of(data), "peer": peer, "connect_s": connect_s}
 
 
 class Probe:
@@ -66,9 +72,12 @@ class Probe:
         if op == "tcp":
             return tcp(cmd["addr"], cmd["port"])
         if op == "tcp_many":
-            start = time.perf_counter()
-            answers = [tcp(cmd["addr"], cmd["port"]) for _ in range(cmd["count"])]
-            return {"answers": answers, "seconds": time.perf_counter() - start}
+            answers, times = [], []
+            for _ in range(cmd["count"]):
+                start = time.perf_counter()
+                answers.append(tcp(cmd["addr"], cmd["port"]))
+                times.append(time.perf_counter() - start)
+            return {"answers": answers, "seconds": sum(times), "times": times}
         if op == "udp_connect":
             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
             s.settimeout(TIMEOUT)
