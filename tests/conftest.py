@@ -61,6 +61,10 @@ def clear_maps(dp: ebpf.EbpfDatapath) -> None:
     g = dp.maps["lb_global_stats"]
     for index in range(g.info.max_entries):
         g.update(shared.u32(index), bytes(8))
+    ranges = dp.maps["lb4_source_ranges"]
+    for key in list(ranges.keys()):
+        ranges.delete(key)
+    dp.maps["lb4_config"].update(shared.u32(0), shared.config_value())
 
 
 @pytest.fixture

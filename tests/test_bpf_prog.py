@@ -50,6 +50,19 @@ def run_egress(dp, pkt: bytes):
     return res.retval, res.data
 
 
+SKB_CTX_SIZE = 192      # struct __sk_buff: the context BPF_PROG_TEST_RUN takes and gives back
+SKB_MARK_OFF = 8        # __sk_buff.mark
+
+
+def run_with_mark(fd: int, pkt: bytes, mark: int = 0) -> tuple[int, bytes, int]:
+    """Through a tc program with an skb context: (verdict, packet, skb->mark afterwards)."""
+    ctx = bytearray(SKB_CTX_SIZE)
+    ctx[SKB_MARK_OFF:SKB_MARK_OFF + 4] = mark.to_bytes(4, "little")
+    res = bpfsys.prog_test_run(fd, bytes(pkt), ctx=bytes(ctx))
+    assert res.ctx is not None
+    return res.retval, res.data, int.from_bytes(res.ctx[SKB_MARK_OFF:SKB_MARK_OFF + 4], "little")
+
+
 def assert_checksums_valid(data: bytes) -> Ether:
     """Recomputes IP and L4 checksums with scapy and compares them with the packet's."""
     pkt = Ether(data)
@@ -506,13 +519,18 @@ def test_hairpin_is_rewritten_to_the_hairpin_address_and_back(datapath):
 
 
 def test_no_local_endpoints_drops_instead_of_rejecting(datapath):
+    """iTP Local without a local endpoint: dropped; once the control plane has its constant
+    filter rule in place, by that rule (KUBE-MARK-DROP): the packet leaves untouched with the
+    drop mark, other mark bits kept. Counted either way."""
     fe = Frontend(VIP, 80, Protocol.TCP)
     e = dataclasses.replace(entry("default/web:http", fe), drop_without_backends=True)
     assert not datapath.reconciler.sync(DesiredState({fe: e})).errors
     pkt = frame(CLIENT, VIP, 40070, 80, "tcp")
-    verdict, out = run(datapath, pkt)
-    assert verdict == TC_ACT_SHOT and out == pkt
-    assert global_stat(datapath, "no_backend") == 1
+    assert run(datapath, pkt) == (TC_ACT_SHOT, pkt)
+    datapath.write_config(drop_rule=True)
+    verdict, out, mark = run_with_mark(datapath.prog_fd, pkt, mark=0x1)
+    assert (verdict, out, mark) == (TC_ACT_OK, pkt, 0x8001)
+    assert global_stat(datapath, "no_backend") == 2 and global_stat(datapath, "drop_itp_local") == 2
 
 
 def test_egress_program_translates_replies_and_nothing_else(datapath):

@@ -112,9 +112,17 @@ def test_the_program_text_inlines_lbctl_headers_once_and_names_them():
 
 def test_the_bpf_tree_shows_the_architecture():
     """include/ the shared types and maps, lib/ the library (one concern a file, the context
-    wrappers beside it), prog/ the programs; the tc program is only its entry points."""
+    wrappers beside it), prog/ the programs; the tc and XDP programs are only their entry
+    points, over the same library."""
+    from lbctl.datapath.ebpf import source
+
     files = {str(p.relative_to(shared.BPF_DIR)) for p in shared.BPF_DIR.rglob("*") if p.is_file()}
     assert {"include/lbctl_shared.h", "include/lbctl_maps.h", "lib/parse.h", "lib/csum.h", "lib/nat.h",
-            "lib/conntrack.h", "lib/reject.h", "lib/ctx/skb.h", "lib/ctx/xdp.h", "prog/lbctl_tc.c"} <= files
-    program = (shared.BPF_DIR / "prog" / "lbctl_tc.c").read_text()
-    assert program.count("static ") == 0, "helpers belong in lib/"
+            "lib/conntrack.h", "lib/reject.h", "lib/ctx/skb.h", "lib/ctx/xdp.h", "lib/mark.h",
+            "prog/lbctl_tc.c", "prog/lbctl_xdp.c"} <= files
+    for name in ("lbctl_tc.c", "lbctl_xdp.c"):
+        program = (shared.BPF_DIR / "prog" / name).read_text()
+        assert program.count("static ") == 0, f"{name}: helpers belong in lib/"
+    xdp = source.program_text(shared.BPF_DIR / "prog" / "lbctl_xdp.c").decode()
+    assert '#line 1 "' + str((shared.BPF_DIR / "lib/ctx/xdp.h").resolve()) + '"' in xdp
+    assert "lib/ctx/skb.h" not in xdp, "one context per program"

@@ -90,18 +90,21 @@ def counters(dp) -> dict[str, int]:
     return {name: global_stat(dp, name) for name in shared.stat_names()}
 
 
-def agrees(dp, tracer, packet: tr.Packet) -> tr.Trace:
+def agrees(dp, tracer, packet: tr.Packet, uplink: bool = False) -> tr.Trace:
     """Traces `packet`, checks that no map changed, then runs it through the real program
-    (ingress, and egress when the trace did) and checks both decided the same."""
+    (ingress, and egress when the trace did; the uplink's with `uplink`) and checks both
+    decided the same."""
     before = snapshot(dp)
-    t = tracer.trace(packet)
+    t = tracer.trace(packet, uplink)
     assert snapshot(dp) == before, "the trace changed a map"
     seen = counters(dp)
-    retval, out = run(dp, packet.frame())
-    real = [(tr.VERDICTS[retval], tr.read_frame(out))]
+    ingress, egress = (dp.uplink_ingress_fd, dp.uplink_egress_fd) if uplink else (dp.prog_fd, dp.egress_fd)
+    res = bpfsys.prog_test_run(ingress, packet.frame())
+    out = res.data
+    real = [(tr.VERDICTS[res.retval], tr.read_frame(out))]
     if len(t.steps) == 2:
-        retval, out = run_egress(dp, out)
-        real.append((tr.VERDICTS[retval], tr.read_frame(out)))
+        res = bpfsys.prog_test_run(egress, out)
+        real.append((tr.VERDICTS[res.retval], tr.read_frame(res.data)))
     assert [(s.verdict, s.output) for s in t.steps] == real
     counted = sorted(n for n, v in counters(dp).items() if v != seen[n])
     assert sorted({n for s in t.steps for n in s.counted}) == counted
@@ -341,7 +344,7 @@ def test_sigterm_during_a_trace_unwinds_it(monkeypatch):
 
     unwound = []
 
-    def fake_trace(pin_dir, packet):
+    def fake_trace(pin_dir, packet, uplink=False):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             for _ in range(100000):
@@ -353,8 +356,43 @@ def test_sigterm_during_a_trace_unwinds_it(monkeypatch):
     before = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(tr, "trace", fake_trace)
     args = argparse.Namespace(source="10.244.0.2:1", destination="10.96.0.10:80/tcp", tcp_flags="S",
-                              pin_dir="/nonexistent/lbctl", json=False)
+                              pin_dir="/nonexistent/lbctl", json=False, uplink=False)
     with pytest.raises(SystemExit) as exc:
         main.cmd_trace(args)
     assert exc.value.code == 128 + signal.SIGTERM and unwound
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+NODE, OUTSIDE = "172.18.0.2", "172.18.0.100"
+
+
+def nodeport(dp, flags: int, backends: list[str]) -> None:
+    """A NodePort frontend NODE:30080/TCP written straight into the maps (service id 9)."""
+    for i, b in enumerate(backends, 1):
+        dp.maps["lb4_backends"].update(shared.u32(i), shared.backend_value(b, 8080, 6))
+    dp.maps["lb4_services"].update(shared.service_key(NODE, 30080, 6),
+                                   shared.service_value(count=len(backends), flags=flags, service_id=9))
+    for i in range(1, len(backends) + 1):
+        dp.maps["lb4_services"].update(shared.service_key(NODE, 30080, 6, slot=i),
+                                       shared.service_value(backend_id=i, service_id=9))
+
+
+@pytest.mark.root
+def test_uplink_nodeport_from_outside_is_masqueraded_and_its_reply_translated(datapath, tracer):
+    nodeport(datapath, shared.const("LB_SVC_F_NODEPORT"), [B1])
+    t = agrees(datapath, tracer, tr.Packet(OUTSIDE, 42000, NODE, 30080, "tcp", "S"), uplink=True)
+    assert t.decision == "new_flow" and t.output.dst == B1 and t.steps[0].hook == "uplink-in"
+    assert any("masquerade mark (0x4000)" in n for n in t.notes)
+    bpfsys.prog_test_run(datapath.uplink_ingress_fd, frame(OUTSIDE, NODE, 42000, 30080, "tcp"))
+    reply = agrees(datapath, tracer, tr.Packet(B1, 8080, OUTSIDE, 42000, "tcp", "SA"), uplink=True)
+    assert reply.decision == "revnat" and (reply.output.src, reply.output.sport) == (NODE, 30080)
+    assert [s.hook for s in reply.steps] == ["uplink-in", "uplink-out"]
+
+
+@pytest.mark.root
+def test_uplink_etp_local_without_a_local_endpoint_says_which_drop(datapath, tracer):
+    flags = sum(shared.const(f"LB_SVC_F_{f}") for f in ("NODEPORT", "ETP_LOCAL", "DROP"))
+    nodeport(datapath, flags, [])
+    datapath.write_config(drop_rule=True)
+    t = agrees(datapath, tracer, tr.Packet(OUTSIDE, 42001, NODE, 30080, "tcp", "S"), uplink=True)
+    assert t.decision == "drop" and "externalTrafficPolicy Local" in t.reason and "0x8000" in t.reason

@@ -124,10 +124,10 @@
 #define LB_STAT_DROP_SOURCE_RANGE 15  /* source outside loadBalancerSourceRanges: drop mark */
 #define LB_STAT_DROP_ITP_LOCAL 16     /* iTP Local frontend without a local endpoint: drop mark */
 #define LB_STAT_MASQUERADE 17         /* packet given the masquerade mark */
-#define LB_STAT_PASS_UNTRACKED 18     /* uplink: a TCP segment without SYN to a frontend, of no
-				       * flow lbctl knows: passed to the stack (the reply of a
-				       * masqueraded flow whose SNAT port equals a frontend's is
-				       * netfilter's, not a new flow) */
+#define LB_STAT_PASS_UNTRACKED 18     /* a TCP segment without SYN to a NodePort, ExternalIP or
+				       * LoadBalancer frontend, of no flow lbctl knows: passed to
+				       * the stack (the reply of a masqueraded flow whose SNAT port
+				       * equals a frontend's is netfilter's, not a new flow) */
 #define LB_STAT_XDP_NO_META 19        /* XDP could not reserve its metadata: passed untouched,
 				       * for the tc program's full path */
 #define LB_STAT_SOCK_CONNECT 20       /* socket LB: connect() of a host socket to a frontend sent
@@ -153,6 +153,10 @@
 #define LB_CFG_F_CLUSTER_CIDR 0x02    /* cluster_cidr/cluster_prefix_len hold --cluster-cidr:
 				       * ClusterIP traffic from outside it is masqueraded, and
 				       * uplink traffic from inside it is internal */
+#define LB_CFG_F_DROP_RULE 0x04       /* the constant filter rule dropping the drop mark is in
+				       * place: drops leave with the mark. Without it (never
+				       * written, or the rule could not be installed) the datapath
+				       * drops them itself, so nothing kube-proxy drops gets through */
 
 /* lb4_config: the datapath's settings, one entry (index 0) the control plane writes. All zero
  * (never written) means kube-proxy's defaults: default marks, no cluster CIDR. */

@@ -4,6 +4,10 @@
 #ifndef LBCTL_CSUM_H
 #define LBCTL_CSUM_H
 
+/* For ctx_l4_csum_replace: the field holds a partial sum, not a checksum (XDP only; the skb
+ * wrappers drop the bit, the kernel knowing it from the skb). Above the kernel's flag bits. */
+#define LB_CSUM_F_PARTIAL (1ULL << 32)
+
 /* The 16-bit one's complement of a 32-bit (or carried 64-bit) one's complement sum. */
 static __always_inline __u16 lb_csum_fold(__u64 csum)
 {

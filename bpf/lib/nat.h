@@ -17,6 +17,29 @@ static __always_inline __u32 lb4_l4_csum_off(const struct lb4_packet *pkt)
 							: offsetof(struct udphdr, check));
 }
 
+/* XDP: whether the L4 checksum field holds the pseudo-header sum (a CHECKSUM_PARTIAL frame,
+ * see ctx/xdp.h) rather than a checksum. Called once per packet, after parsing. */
+static __always_inline int lb4_csum_partial(struct __ctx_buff *ctx, const struct lb4_packet *pkt)
+{
+#if CTX_DIRECT_CSUM
+	void *data = ctx_data(ctx);
+	__u16 *field;
+	__u32 off = lb4_l4_csum_off(pkt);
+	/* the pseudo header's words as they lie in memory: addresses, {0, proto}, L4 length */
+	__u32 sum = lb_csum_words(pkt->saddr, 4) + lb_csum_words(pkt->daddr, 4) +
+		    bpf_htons(pkt->proto) + bpf_htons(pkt->ip_len - pkt->ihl);
+
+	if (off > 0xffff)
+		return 0;
+	field = data + off;
+	if ((void *)(field + 1) > ctx_data_end(ctx) || *field == 0)
+		return 0;
+	return *field == (__u16)~lb_csum_fold(sum);
+#else
+	return 0;
+#endif
+}
+
 /* Rewrites one end of the packet: the address in the IP header, the port in the L4 header, and
  * the checksums they feed (IP header; L4, whose pseudo header holds the address). The skb
  * helpers cope with CHECKSUM_PARTIAL skbs from veths; BPF_F_MARK_MANGLED_0 keeps a zero UDP
@@ -30,6 +53,9 @@ static __always_inline int lb4_nat_rewrite(struct __ctx_buff *ctx, const struct 
 	__u32 port_off = pkt->l4_off + (which == LB_NAT_SOURCE ? 0 : 2);
 	__u32 csum_off = lb4_l4_csum_off(pkt);
 	__u64 mangled = pkt->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+
+	if (pkt->csum_partial)
+		mangled |= LB_CSUM_F_PARTIAL;
 
 	if (ctx_l4_csum_replace(ctx, csum_off, old_addr, new_addr,
 				mangled | BPF_F_PSEUDO_HDR | sizeof(new_addr)) < 0)

@@ -26,6 +26,9 @@ struct lb4_packet {
 	__u16 l4_off;                /* offset of the TCP/UDP header from the start of the frame */
 	__u16 ihl;                   /* IP header length in bytes */
 	__u16 ip_len;                /* IP total length */
+	__u8 csum_partial;           /* XDP only: the L4 checksum field holds a partial sum (see
+				      * lb4_csum_partial); the skb helpers know it themselves */
+	__u8 pad[3];
 };
 
 /* A SYN opening a connection (not the SYN-ACK answering one). */

@@ -1,11 +1,14 @@
-/* lbctl_tc.c: ClusterIP load balancing at tc, on the links pod traffic enters the node by
- * (host side of pod veths). The decisions are lib/lb.h's; these entry points only parse and
- * dispatch.
+/* lbctl_tc.c: load balancing at tc, on the links pod traffic enters the node by (host side of
+ * pod veths) and on the uplink. The decisions are lib/lb.h's; these entry points only parse
+ * and dispatch.
  *
- *   ingress   pod -> VIP:port      service hit: the flow's backend, or one chosen now; DNAT
- *             pod -> itself        hairpin, both ways: rewritten and sent back to the pod
- *   egress    backend -> client    reply of a tracked flow: source back to VIP:port
- *   anything else                  passed untouched (TC_ACT_OK), counted in lb_global_stats
+ *   pod ingress      pod -> frontend      service hit: the flow's backend, or one chosen now;
+ *                                         DNAT; marks (masquerade, drop)
+ *                    pod -> itself        hairpin, both ways: rewritten and sent back to the pod
+ *   pod egress       backend -> client    reply of a tracked flow: source back to VIP:port
+ *   uplink ingress   outside -> frontend  XDP's mark (lbctl_xdp.c), or the whole path
+ *   uplink egress    backend -> outside   reply of a tracked flow, after netfilter's un-SNAT
+ *   anything else                         passed untouched (TC_ACT_OK), counted in lb_global_stats
  *
  * Replies are translated at egress of the client's link, after netfilter and routing have seen
  * them as they are (backend -> client, the reverse of the client -> backend they saw first):
@@ -33,15 +36,16 @@
 #include "lib/conntrack.h"
 #include "lib/reject.h"
 #include "lib/lb.h"
+#include "lib/mark.h"
 
-/* Ingress of a pod link (pod -> node): requests to services; a hairpin flow's replies (to
- * LB_HAIRPIN_ADDR, which only this program hands out). Other replies pass: see lb_tc_egress. */
+/* Ingress of a pod link (pod -> node): requests to services (internal traffic: a frontend's
+ * internal scope); a hairpin flow's replies (to LB_HAIRPIN_ADDR, which only this program hands
+ * out). Other replies pass: see lb_tc_egress. */
 int lb_tc_ingress(struct __sk_buff *ctx)
 {
 	struct lb4_packet pkt = {};
-	struct lb4_service_key frontend = {};
-	struct lb4_service_value *svc;
-	int verdict;
+	struct lb4_verdict v = {};
+	int verdict, found, ret;
 
 	lb_trace_start();
 	ctx_pull(ctx, LB4_HEADERS_MAX);
@@ -50,16 +54,10 @@ int lb_tc_ingress(struct __sk_buff *ctx)
 		lb_count(verdict);
 		return CTX_ACT_OK;
 	}
-	frontend.address = pkt.daddr;
-	frontend.dport = pkt.dport;
-	frontend.proto = pkt.proto;
-	frontend.scope = LB_SCOPE_EXTERNAL;
-	svc = lb4_services.lookup(&frontend);
-	if (svc) {
-		/* a copy: the control plane may rewrite the frontend while this packet is handled */
-		struct lb4_service_value service = *svc;
-
-		return lb4_service_packet(ctx, &pkt, &frontend, &service);
+	ret = lb4_frontend_packet(ctx, &pkt, LB_ORIGIN_POD, &v, &found);
+	if (found) {
+		lb_mark_apply(ctx, &v);
+		return ret;
 	}
 	if (pkt.daddr == bpf_htonl(LB_HAIRPIN_ADDR))
 		return lb4_reply_or_pass(ctx, &pkt);
@@ -78,5 +76,49 @@ int lb_tc_egress(struct __sk_buff *ctx)
 	ctx_pull(ctx, LB4_HEADERS_MAX);
 	if (lb4_parse(ctx_data(ctx), ctx_data_end(ctx), &pkt) != LB_PARSE_OK)
 		return CTX_ACT_OK;
+	return lb4_reply_or_pass(ctx, &pkt);
+}
+
+/* Ingress of the uplink (outside, other nodes -> node): if the XDP program decided the packet
+ * already (lbctl_xdp.c), only its mark is put on the skb; otherwise (tc mode, or a reject XDP
+ * left to tc) the whole path: requests to any frontend, external traffic unless the source is
+ * in the cluster CIDR. Replies from other nodes' backends pass: they are translated at egress
+ * of the client's link (a pod's, or this one's for an outside client). */
+int lb_tc_uplink_ingress(struct __sk_buff *ctx)
+{
+	struct lb4_packet pkt = {};
+	struct lb4_verdict v = {};
+	int verdict, found, ret;
+
+	lb_trace_start();
+	if (lb_xdp_meta_apply(ctx))
+		return CTX_ACT_OK;
+	ctx_pull(ctx, LB4_HEADERS_MAX);
+	verdict = lb4_parse(ctx_data(ctx), ctx_data_end(ctx), &pkt);
+	if (verdict != LB_PARSE_OK) {
+		lb_count(verdict);
+		return CTX_ACT_OK;
+	}
+	LB_TRACE_FLAG(LB_TRACE_F_UPLINK);
+	ret = lb4_frontend_packet(ctx, &pkt, LB_ORIGIN_UPLINK, &v, &found);
+	if (found) {
+		lb_mark_apply(ctx, &v);
+		return ret;
+	}
+	lb_count(LB_STAT_PASS_NO_SERVICE);
+	return CTX_ACT_OK;
+}
+
+/* Egress of the uplink (node -> outside): replies to outside clients, from backends here or,
+ * through a masquerade netfilter has undone by now, on other nodes. */
+int lb_tc_uplink_egress(struct __sk_buff *ctx)
+{
+	struct lb4_packet pkt = {};
+
+	lb_trace_start();
+	ctx_pull(ctx, LB4_HEADERS_MAX);
+	if (lb4_parse(ctx_data(ctx), ctx_data_end(ctx), &pkt) != LB_PARSE_OK)
+		return CTX_ACT_OK;
+	LB_TRACE_FLAG(LB_TRACE_F_UPLINK);
 	return lb4_reply_or_pass(ctx, &pkt);
 }

@@ -144,7 +144,8 @@ def cmd_trace(args) -> int:
 
     handlers = {sig: signal.signal(sig, _terminated) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        result = trace.trace(args.pin_dir, trace.Packet(src, sport, dst, dport, proto, flags))
+        result = trace.trace(args.pin_dir, trace.Packet(src, sport, dst, dport, proto, flags),
+                             uplink=args.uplink)
     except trace.TraceError as exc:
         print(f"lbctl trace: {exc}", file=sys.stderr)
         return 1
@@ -322,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     trace.add_argument("--tcp-flags", default="S", metavar="FLAGS",
                        help="TCP flags of the packet: S (a new connection, the default), A (a "
                             "segment of an open one), FA, R... (letters S A F R P)")
+    trace.add_argument("--uplink", action="store_true",
+                       help="the packet arrives by the uplink (a client outside the node: NodePort, "
+                            "externalIPs, LoadBalancer), not by a pod's link")
     trace.add_argument("--json", action="store_true")
     _datapath_args(trace)
     trace.set_defaults(func=cmd_trace)

@@ -11,6 +11,7 @@
 
 #define CTX_ACT_OK TC_ACT_OK            /* on to the stack (or the wire) */
 #define CTX_ACT_DROP TC_ACT_SHOT
+#define CTX_DIRECT_CSUM 0               /* checksums through the skb helpers (see ctx/xdp.h) */
 
 static __always_inline void *ctx_data(const struct __sk_buff *ctx)
 {
@@ -55,7 +56,7 @@ static __always_inline int ctx_l3_csum_replace(struct __sk_buff *ctx, __u32 off,
 static __always_inline int ctx_l4_csum_replace(struct __sk_buff *ctx, __u32 off, __u32 from,
 					       __u32 to, __u64 flags)
 {
-	return bpf_l4_csum_replace(ctx, off, from, to, flags);
+	return bpf_l4_csum_replace(ctx, off, from, to, flags & 0xffffffffULL);
 }
 
 /* Resizes the packet to `len` bytes from the start of the frame. */

@@ -2,11 +2,16 @@
  * ctx/skb.h (after Cilium's bpf/include/bpf/ctx/xdp.h), so that the parser, the rewrites and
  * the rejects in lib/ serve both hooks.
  *
- * XDP has no skb helpers: writes and checksum updates are direct, on bounds-checked pointers,
- * and treat the checksum fields as complete. That holds at NIC ingress (received frames carry
- * full checksums). Native XDP on a veth may see a frame its peer sent with CHECKSUM_PARTIAL
- * (the L4 field holding only the pseudo-header sum, to be finished later) and no skb state to
- * say so: the updates here would be wrong for it. Pods' veths are the tc program's. */
+ * XDP has no skb helpers: writes and checksum updates are direct, on bounds-checked pointers.
+ * A frame from a NIC carries full checksums. But XDP also sees frames whose L4 checksum field
+ * holds only the pseudo-header sum, to be finished by whoever transmits them (CHECKSUM_PARTIAL):
+ * native XDP on a veth, sent by a local socket on the other side; generic XDP on any device,
+ * after GRO merged segments. No skb state says so; lb4_csum_partial (nat.h) recognises such a
+ * field (it equals the pseudo-header sum) and the rewrite then updates it as the kernel's
+ * helpers do for CHECKSUM_PARTIAL: addresses (in the pseudo header) change it, ports do not.
+ * A full checksum equal by chance to its pseudo-header sum (about 1 in 65536 segments) is
+ * taken for partial and leaves with a wrong checksum: the receiver drops it and TCP sends it
+ * again (its timestamp option, and so its checksum, differs); a UDP datagram is lost. */
 #ifndef LBCTL_CTX_XDP_H
 #define LBCTL_CTX_XDP_H
 
@@ -16,6 +21,7 @@
 
 #define CTX_ACT_OK XDP_PASS
 #define CTX_ACT_DROP XDP_DROP
+#define CTX_DIRECT_CSUM 1               /* checksum fields written here (lb4_csum_partial) */
 
 static __always_inline void *ctx_data(const struct xdp_md *ctx)
 {
@@ -63,29 +69,37 @@ static __always_inline int ctx_store_bytes(struct xdp_md *ctx, __u32 off, const 
 	return 0;
 }
 
-/* ~(~HC + ~m + m') (RFC 1624 eqn. 3) for a 2- or 4-byte field, through bpf_csum_diff (which
- * wants whole words: a 16-bit value sits in a zeroed word, adding nothing to the sum). */
+/* The one's complement sum of a 2- or 4-byte field's 16-bit words, as they lie in memory (the
+ * sum does not care about byte order, as long as the checksum is read the same way). */
+static __always_inline __u32 lb_csum_words(__u32 value, __u32 size)
+{
+	return size == 2 ? (value & 0xffff) : (value & 0xffff) + (value >> 16);
+}
+
+/* ~(~HC + ~m + m') (RFC 1624 eqn. 3) for a 2- or 4-byte field, in plain arithmetic (no helper
+ * call: at most five 16-bit words, folded by lb_csum_fold). A partial checksum (a pseudo-header
+ * sum) is updated without the complements: HC + ~m + m'. */
 static __always_inline int lb_xdp_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from, __u32 to,
-					       __u32 size, int mangled_0)
+					       __u32 size, int mangled_0, int partial)
 {
 	void *data = ctx_data(ctx);
 	void *data_end = ctx_data_end(ctx);
 	__u16 *csum;
-	__u32 old_word = size == 2 ? (__u16)from : from;
-	__u32 new_word = size == 2 ? (__u16)to : to;
-	__s64 sum;
+	__u32 sum;
 
-	if (off > 0xffff)
+	if (off > 0xffff || (size != 2 && size != 4))
 		return -1;
 	csum = data + off;
 	if ((void *)(csum + 1) > data_end)
 		return -1;
 	if (mangled_0 && *csum == 0)    /* UDP without checksum stays without */
 		return 0;
-	sum = bpf_csum_diff(&old_word, 4, &new_word, 4, ~((__u32)*csum) & 0xffff);
-	if (sum < 0)
-		return -1;
-	*csum = lb_csum_fold(sum);
+	sum = lb_csum_words(~from, size) + lb_csum_words(to, size);
+	if (partial) {
+		*csum = ~lb_csum_fold(sum + *csum);
+		return 0;
+	}
+	*csum = lb_csum_fold(sum + (__u16)~*csum);
 	if (mangled_0 && *csum == 0)
 		*csum = 0xffff;             /* 0 means "no checksum" in UDP (RFC 768) */
 	return 0;
@@ -94,15 +108,18 @@ static __always_inline int lb_xdp_csum_replace(struct xdp_md *ctx, __u32 off, __
 static __always_inline int ctx_l3_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from,
 					       __u32 to, __u32 size)
 {
-	return lb_xdp_csum_replace(ctx, off, from, to, size & 0xf, 0);
+	return lb_xdp_csum_replace(ctx, off, from, to, size & 0xf, 0, 0);
 }
 
 static __always_inline int ctx_l4_csum_replace(struct xdp_md *ctx, __u32 off, __u32 from,
 					       __u32 to, __u64 flags)
 {
-	/* BPF_F_PSEUDO_HDR needs nothing here: without a partial checksum an address in the pseudo
-	 * header changes the checksum as any other field does */
-	return lb_xdp_csum_replace(ctx, off, from, to, flags & 0xf, !!(flags & BPF_F_MARK_MANGLED_0));
+	/* Without a partial checksum an address in the pseudo header changes the checksum as any
+	 * other field does; with one, only pseudo-header fields change it. */
+	if ((flags & LB_CSUM_F_PARTIAL) && !(flags & BPF_F_PSEUDO_HDR))
+		return 0;
+	return lb_xdp_csum_replace(ctx, off, from, to, flags & 0xf, !!(flags & BPF_F_MARK_MANGLED_0),
+				   !!(flags & LB_CSUM_F_PARTIAL));
 }
 
 static __always_inline int ctx_change_tail(struct xdp_md *ctx, __u32 len)

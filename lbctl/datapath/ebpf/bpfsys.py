@@ -313,6 +313,7 @@ class TestRunResult:
     retval: int
     data: bytes
     duration_ns: int
+    ctx: bytes | None = None     # the context after the run (__sk_buff, xdp_md), when one was given
 
 
 class _TestRunOpts(ctypes.Structure):
@@ -333,10 +334,84 @@ def prog_test_run(prog_fd: int, packet: bytes, repeat: int = 1, ctx: bytes | Non
     opts = _TestRunOpts(sz=ctypes.sizeof(_TestRunOpts), data_in=ctypes.addressof(data_in),
                         data_out=ctypes.addressof(data_out), data_size_in=len(packet),
                         data_size_out=len(data_out), repeat=repeat)
-    ctx_buf = None
+    ctx_buf = ctx_out = None
     if ctx is not None:
         ctx_buf = ctypes.create_string_buffer(ctx, len(ctx))
+        ctx_out = ctypes.create_string_buffer(len(ctx))
         opts.ctx_in = ctypes.addressof(ctx_buf)
         opts.ctx_size_in = len(ctx)
+        opts.ctx_out = ctypes.addressof(ctx_out)
+        opts.ctx_size_out = len(ctx)
     _check(_libbpf.bpf_prog_test_run_opts(prog_fd, ctypes.byref(opts)), "BPF_PROG_TEST_RUN")
-    return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration)
+    return TestRunResult(opts.retval, data_out.raw[:opts.data_size_out], opts.duration,
+                         ctx_out.raw[:opts.ctx_size_out] if ctx_out is not None else None)
+
+
+# --- XDP attachment (bpf_xdp_attach/query/detach, libbpf >= 0.8) -------------------------------
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1
+XDP_FLAGS_SKB_MODE = 2        # generic XDP (xdpgeneric): any device, after the skb is built
+XDP_FLAGS_DRV_MODE = 4        # native XDP (xdpdrv): in the driver, before any skb
+XDP_ATTACHED_NONE, XDP_ATTACHED_DRV, XDP_ATTACHED_SKB, XDP_ATTACHED_HW, XDP_ATTACHED_MULTI = range(5)
+
+
+class _XdpQueryOpts(ctypes.Structure):
+    _fields_ = [("sz", ctypes.c_size_t), ("prog_id", ctypes.c_uint32), ("drv_prog_id", ctypes.c_uint32),
+                ("hw_prog_id", ctypes.c_uint32), ("skb_prog_id", ctypes.c_uint32),
+                ("attach_mode", ctypes.c_uint8)]
+
+
+for _name, _args in {
+    "bpf_xdp_attach": [ctypes.c_int, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p],
+    "bpf_xdp_detach": [ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p],
+    "bpf_xdp_query": [ctypes.c_int, ctypes.c_int, ctypes.c_void_p],
+    "bpf_prog_get_fd_by_id": [ctypes.c_uint32],
+}.items():
+    getattr(_libbpf, _name).argtypes = _args
+    getattr(_libbpf, _name).restype = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class XdpState:
+    """What XDP holds on a link: the mode (XDP_ATTACHED_*) and the program ids per mode."""
+    mode: int
+    drv_prog_id: int
+    skb_prog_id: int
+
+
+def xdp_attach(ifindex: int, prog_fd: int, flags: int) -> None:
+    """Attaches (or replaces) an XDP program; flags XDP_FLAGS_DRV_MODE or XDP_FLAGS_SKB_MODE."""
+    _check(_libbpf.bpf_xdp_attach(ifindex, prog_fd, flags, None), f"attach XDP to ifindex {ifindex}")
+
+
+def xdp_detach(ifindex: int, flags: int) -> None:
+    _check(_libbpf.bpf_xdp_detach(ifindex, flags, None), f"detach XDP from ifindex {ifindex}")
+
+
+def xdp_query(ifindex: int) -> XdpState:
+    opts = _XdpQueryOpts(sz=ctypes.sizeof(_XdpQueryOpts))
+    _check(_libbpf.bpf_xdp_query(ifindex, 0, ctypes.byref(opts)), f"query XDP of ifindex {ifindex}")
+    return XdpState(opts.attach_mode, opts.drv_prog_id, opts.skb_prog_id)
+
+
+class _ProgInfo(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_uint32), ("id", ctypes.c_uint32), ("tag", ctypes.c_uint8 * 8),
+                ("jited_prog_len", ctypes.c_uint32), ("xlated_prog_len", ctypes.c_uint32),
+                ("jited_prog_insns", ctypes.c_uint64), ("xlated_prog_insns", ctypes.c_uint64),
+                ("load_time", ctypes.c_uint64), ("created_by_uid", ctypes.c_uint32),
+                ("nr_map_ids", ctypes.c_uint32), ("map_ids", ctypes.c_uint64),
+                ("name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 256)]
+
+
+def prog_name(prog_id: int) -> str:
+    """The name of a loaded program by id ("" if it is gone)."""
+    fd = _libbpf.bpf_prog_get_fd_by_id(prog_id)
+    if fd < 0:
+        return ""
+    try:
+        info = _ProgInfo()
+        size = ctypes.c_uint32(ctypes.sizeof(info))
+        _check(_libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+        return info.name.decode(errors="replace")
+    finally:
+        os.close(fd)

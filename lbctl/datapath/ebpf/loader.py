@@ -1,11 +1,38 @@
-"""The eBPF datapath: compile and load bpf/prog/lbctl_tc.c with bcc, pin its maps, attach it.
+"""The eBPF datapath: compile and load bpf/prog/lbctl_tc.c and bpf/prog/lbctl_xdp.c with bcc, pin
+their maps, attach them.
 
 Kernel objects lbctl creates, and nothing else:
   - maps pinned under ``pin_dir`` (default /sys/fs/bpf/lbctl), reused across restarts;
   - one tc filter (bpf, direct-action, handle ``TC_HANDLE``, named ``TC_NAME``) at clsact
     ingress and one at egress of every matching link, at pref ``TC_PRIO`` unless another tool's
     filter holds that pref (then the nearest free pref before it, said in the log), and the
-    clsact qdisc when no other filter remains on it.
+    clsact qdisc when no other filter remains on it;
+  - on each uplink (the node's interface towards other nodes and outside), the same tc filters
+    with the uplink's programs, and the XDP program ``XDP_PROGRAM``, native if the driver takes
+    it, else generic, else none (tc alone does the work).
+
+Two kinds of links (see ``attach`` and ``attach_uplink``):
+
+  pod links (--devices)   tc ingress lb_tc_ingress: a pod's requests to any frontend (internal
+                          scope), hairpin; tc egress lb_tc_egress: replies to pods.
+  uplinks (--uplink-devices)
+                          XDP lb_xdp_uplink: requests from outside to any frontend (lookup,
+                          backend, DNAT, conntrack), verdict for tc left in the packet's metadata;
+                          tc ingress lb_tc_uplink_ingress: the mark from XDP's metadata, or the
+                          whole path when XDP did not run (tc mode) or left the packet to it
+                          (rejects); tc egress lb_tc_uplink_egress: replies to outside clients,
+                          after netfilter undid the masquerade.
+
+The API the mode uses for uplinks::
+
+    dp = EbpfDatapath(cfg).load()           # compiles both programs; fds below
+    result = attach_uplink(ipr, ifindex, dp, cfg.tc_name, xdp=cfg.xdp)
+    result.mode                             # "xdp-native" | "xdp-generic" | "tc"
+    result.notes                            # why a mode was refused, tc pref moves: to log
+    uplink_mode(ipr, ifindex, cfg.tc_name)  # the same, read from the kernel (dump), or None
+    detach(ipr, ifindex, cfg.tc_name)       # tc filters and our XDP program, any link
+    dp.write_config(cluster_cidr=..., masquerade_all=..., masq_mark=..., drop_mark=...,
+                    drop_rule=True)         # once the constant drop rule is installed
 """
 from __future__ import annotations
 
@@ -19,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from lbctl.datapath.base import DEFAULT_PIN_DIR, DatapathError
-from lbctl.datapath.ebpf import shared, source
+from lbctl.datapath.ebpf import bpfsys, shared, source
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_ARRAY as MAP_ARRAY
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_HASH as MAP_HASH
 from lbctl.datapath.ebpf.bpfsys import MAP_TYPE_LPM_TRIE as MAP_LPM_TRIE
@@ -42,7 +69,16 @@ TC_INGRESS = 0xFFFFFFF2  # clsact ingress parent (ffff:fff2)
 TC_EGRESS = 0xFFFFFFF3
 ETH_P_ALL = 0x0003
 
-PROGRAMS = {"ingress": "lb_tc_ingress", "egress": "lb_tc_egress"}
+PROGRAMS = {"ingress": "lb_tc_ingress", "egress": "lb_tc_egress",
+            "uplink_ingress": "lb_tc_uplink_ingress", "uplink_egress": "lb_tc_uplink_egress"}
+XDP_PROGRAM = "lb_xdp_uplink"   # also its kernel name: how detach recognises our XDP program
+
+# How an uplink is served (UplinkAttachment.mode, DatapathConfig.xdp).
+MODE_XDP_NATIVE = "xdp-native"
+MODE_XDP_GENERIC = "xdp-generic"
+MODE_TC = "tc"
+XDP_CHOICES = {"auto": (MODE_XDP_NATIVE, MODE_XDP_GENERIC), "native": (MODE_XDP_NATIVE,),
+               "generic": (MODE_XDP_GENERIC,), "off": ()}
 MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_stats",
         "lb_backend_stats", "lb_global_stats", "lb4_source_ranges", "lb4_config")
 
@@ -59,6 +95,8 @@ class DatapathConfig:
     ct_size: int = shared.const("LB_CT_MAP_SIZE")                    # conntrack entries, two per flow
     affinity_size: int = shared.const("LB_AFFINITY_MAP_SIZE")        # sessionAffinity entries (client, service)
     devices: tuple[str, ...] = DEFAULT_DEVICES
+    uplink_devices: tuple[str, ...] = ()   # the uplinks (patterns); the mode picks the default
+    xdp: str = "auto"                      # XDP_CHOICES: the XDP modes tried on uplinks, in order
     node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
     cgroup_root: str | None = None   # socket LB of host traffic in this cgroup v2 (lbctl.datapath.ebpf.sock)
 
@@ -151,8 +189,12 @@ class EbpfDatapath:
     def __init__(self, cfg: DatapathConfig = DatapathConfig()):
         self.cfg = cfg
         self.bpf: Any = None       # bcc.BPF once loaded
+        self.xdp_bpf: Any = None   # the XDP program's bcc.BPF (its maps are the pinned ones)
         self.prog_fd = -1          # ingress program (balances requests)
         self.egress_fd = -1        # egress program (translates replies)
+        self.uplink_ingress_fd = -1  # uplink tc ingress (marks from XDP, or the whole path)
+        self.uplink_egress_fd = -1   # uplink tc egress (replies to outside clients)
+        self.xdp_fd = -1           # uplink XDP
         self.maps: dict[str, BpfMap] = {}
 
     def load(self) -> EbpfDatapath:
@@ -169,6 +211,12 @@ class EbpfDatapath:
             self.bpf = BPF(text=source.program_text(src), cflags=self.cfg.cflags())
             self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
             self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
+            self.uplink_ingress_fd = self.bpf.load_func(PROGRAMS["uplink_ingress"].encode(), BPF.SCHED_CLS).fd
+            self.uplink_egress_fd = self.bpf.load_func(PROGRAMS["uplink_egress"].encode(), BPF.SCHED_CLS).fd
+            # a second object: its maps are the pins the first one made
+            src = shared.BPF_DIR / "prog" / "lbctl_xdp.c"
+            self.xdp_bpf = BPF(text=source.program_text(src), cflags=self.cfg.cflags())
+            self.xdp_fd = self.xdp_bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP).fd
         except Exception as exc:
             if made_dir:   # a first load: the maps bcc pinned before it failed are new, unused
                 remove_pins(self.cfg.pin_dir)
@@ -177,14 +225,31 @@ class EbpfDatapath:
             self.maps[name] = BpfMap.open_pinned(os.path.join(self.cfg.pin_dir, name))
         return self
 
+    def write_config(self, cluster_cidr: str | None = None, masquerade_all: bool = False,
+                     masq_mark: int = shared.const("LB_MARK_MASQ_DEFAULT"),
+                     drop_mark: int = shared.const("LB_MARK_DROP_DEFAULT"),
+                     drop_rule: bool = False) -> None:
+        """Sets the datapath's settings (lb4_config): --cluster-cidr (IPv4, or None),
+        --masquerade-all, the two mark bits, and `drop_rule`: the constant filter rule dropping
+        `drop_mark` is installed (in INPUT and FORWARD: a NodePort's drop is local, a ClusterIP's
+        forwarded), so drops may leave as marks; False (and before the first call) the datapath
+        drops them itself. Set it after installing the rule, clear it before removing the rule.
+        Takes effect on the next packet."""
+        self.maps["lb4_config"].update(shared.u32(0), shared.config_value(
+            cluster_cidr, masquerade_all, masq_mark, drop_mark, drop_rule))
+
     def close(self) -> None:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
+        if self.xdp_bpf is not None:
+            self.xdp_bpf.cleanup()
+            self.xdp_bpf = None
+            self.xdp_fd = -1
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-            self.prog_fd = self.egress_fd = -1
+            self.prog_fd = self.egress_fd = self.uplink_ingress_fd = self.uplink_egress_fd = -1
 
     def __enter__(self):
         return self.load()
@@ -278,9 +343,95 @@ def attach(ipr, index: int, prog_fd: int, egress_fd: int, tc_name: str = TC_NAME
     return notes
 
 
+@dataclass(frozen=True)
+class UplinkAttachment:
+    """How an uplink is served: ``mode`` MODE_XDP_NATIVE, MODE_XDP_GENERIC or MODE_TC (XDP did
+    not attach, or ``xdp="off"``); ``notes``: why an XDP mode was refused, tc pref moves (to log
+    once)."""
+
+    mode: str
+    notes: tuple[str, ...] = ()
+
+
+def _our_xdp(index: int) -> tuple[int, int]:
+    """(XDP_ATTACHED_*, flags to detach it) of our XDP program on a link, (NONE, 0) if none is
+    there or it is another tool's."""
+    try:
+        state = bpfsys.xdp_query(index)
+    except OSError:
+        return bpfsys.XDP_ATTACHED_NONE, 0
+    for mode, prog_id, flags in ((bpfsys.XDP_ATTACHED_DRV, state.drv_prog_id, bpfsys.XDP_FLAGS_DRV_MODE),
+                                 (bpfsys.XDP_ATTACHED_SKB, state.skb_prog_id, bpfsys.XDP_FLAGS_SKB_MODE)):
+        if prog_id and bpfsys.prog_name(prog_id) == XDP_PROGRAM:
+            return mode, flags
+    return bpfsys.XDP_ATTACHED_NONE, 0
+
+
+_XDP_FLAGS = {MODE_XDP_NATIVE: bpfsys.XDP_FLAGS_DRV_MODE, MODE_XDP_GENERIC: bpfsys.XDP_FLAGS_SKB_MODE}
+_XDP_MODE_OF = {bpfsys.XDP_ATTACHED_DRV: MODE_XDP_NATIVE, bpfsys.XDP_ATTACHED_SKB: MODE_XDP_GENERIC}
+
+
+def attach_uplink(ipr, index: int, datapath: EbpfDatapath, tc_name: str = TC_NAME,
+                  xdp: str = "auto") -> UplinkAttachment:
+    """Attaches the uplink programs to one link: tc first (ingress: marks from XDP's metadata,
+    or the whole path; egress: replies to outside clients), then XDP in the first mode of
+    ``XDP_CHOICES[xdp]`` the kernel takes (native, then generic for "auto"). tc goes first so
+    that no packet XDP handles ever misses its mark. Our XDP program already on the link in an
+    allowed mode is replaced in that mode (native and generic cannot coexist on a link); in a
+    mode no longer allowed, removed. Another tool's XDP program is left alone: tc mode.
+    Raises what tc raises (the link is then not served); an XDP refusal is only a note."""
+    if xdp not in XDP_CHOICES:
+        raise DatapathError(f"xdp must be one of {', '.join(XDP_CHOICES)}, not {xdp!r}")
+    notes = attach(ipr, index, datapath.uplink_ingress_fd, datapath.uplink_egress_fd, tc_name)
+    wanted = XDP_CHOICES[xdp]
+    current, flags = _our_xdp(index)
+    if current != bpfsys.XDP_ATTACHED_NONE and _XDP_MODE_OF.get(current) not in wanted:
+        bpfsys.xdp_detach(index, flags)
+        current = bpfsys.XDP_ATTACHED_NONE
+    try:
+        state = bpfsys.xdp_query(index)
+    except OSError as exc:
+        return UplinkAttachment(MODE_TC, (*notes, f"cannot query XDP: {exc}"))
+    if current == bpfsys.XDP_ATTACHED_NONE and state.mode != bpfsys.XDP_ATTACHED_NONE:
+        return UplinkAttachment(MODE_TC, (*notes, "another XDP program is attached (id "
+                                          f"{state.drv_prog_id or state.skb_prog_id}): tc only"))
+    order = (_XDP_MODE_OF[current],) if current in _XDP_MODE_OF else wanted
+    for mode in order:
+        try:
+            bpfsys.xdp_attach(index, datapath.xdp_fd, _XDP_FLAGS[mode])
+        except OSError as exc:
+            notes.append(f"{mode} refused: {exc.strerror or exc}")
+            continue
+        return UplinkAttachment(mode, tuple(notes))
+    return UplinkAttachment(MODE_TC, tuple(notes))
+
+
+def uplink_mode(ipr, index: int, tc_name: str = TC_NAME) -> str | None:
+    """How a link is served now, read from the kernel: MODE_XDP_NATIVE / MODE_XDP_GENERIC when
+    our XDP program is there (with our tc filters), MODE_TC with only our tc filters, None
+    when our filters are missing (not attached, or removed by someone)."""
+    if not is_attached(ipr, index, tc_name):
+        return None
+    current, _ = _our_xdp(index)
+    return _XDP_MODE_OF.get(current, MODE_TC)
+
+
+def _detach_xdp(index: int) -> bool:
+    current, flags = _our_xdp(index)
+    if current == bpfsys.XDP_ATTACHED_NONE:
+        return False
+    try:
+        bpfsys.xdp_detach(index, flags)
+    except OSError as exc:
+        if exc.errno not in (2, 19):
+            raise
+    return True
+
+
 def detach(ipr, index: int, tc_name: str = TC_NAME) -> bool:
-    """Removes our filters from one link, and clsact if no other filter is left on it."""
-    removed = False
+    """Removes our filters from one link, and clsact if no other filter is left on it; our XDP
+    program too (an uplink's)."""
+    removed = _detach_xdp(index) if _our_filters(ipr, index, tc_name) else False
     for parent, f in _our_filters(ipr, index, tc_name):
         try:
             ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=_pref(f),
@@ -304,7 +455,19 @@ def attached_links(ipr, tc_name: str = TC_NAME) -> list[tuple[int, str]]:
             if _our_filters(ipr, link["index"], tc_name)]
 
 
+def _any_lbctl_filter(ipr, index: int) -> bool:
+    for parent in (TC_INGRESS, TC_EGRESS):
+        for f in _filters(ipr, index, parent):
+            opts = f.get_attr("TCA_OPTIONS")
+            name = opts.get_attr("TCA_BPF_NAME") if opts is not None and hasattr(opts, "get_attr") else None
+            if f.get_attr("TCA_KIND") == "bpf" and name and name.split(":")[0] == TC_NAME:
+                return True
+    return False
+
+
 def detach_all(tc_name: str = TC_NAME) -> list[str]:
+    """Removes our filters (and XDP) from every link; also our XDP program left on a link
+    without any lbctl filter (its filters removed behind our back)."""
     from pyroute2 import IPRoute
 
     names = []
@@ -312,6 +475,9 @@ def detach_all(tc_name: str = TC_NAME) -> list[str]:
         for index, name in attached_links(ipr, tc_name):
             if detach(ipr, index, tc_name):
                 names.append(name)
+        for link in ipr.get_links():
+            if not _any_lbctl_filter(ipr, link["index"]) and _detach_xdp(link["index"]):
+                names.append(f"{link.get_attr('IFLA_IFNAME')} (XDP)")
     return names
 
 

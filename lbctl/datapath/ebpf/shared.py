@@ -138,6 +138,28 @@ def backend_value(address: str, port: int, proto: int, flags: int = 0) -> bytes:
     return new("lb4_backend", address=be32(address), port=be16(port), proto=proto, flags=flags)
 
 
+def config_value(cluster_cidr: str | None = None, masquerade_all: bool = False,
+                 masq_mark: int = 0, drop_mark: int = 0, drop_rule: bool = False) -> bytes:
+    """lb4_config: --cluster-cidr (IPv4 network, or None), --masquerade-all, the mark bits
+    (0: the defaults, LB_MARK_*_DEFAULT), and whether the filter rule dropping the drop mark is
+    in place (else the datapath drops those packets itself)."""
+    flags = (const("LB_CFG_F_MASQUERADE_ALL") if masquerade_all else 0) | \
+        (const("LB_CFG_F_DROP_RULE") if drop_rule else 0)
+    values = {"flags": flags, "masq_mark": masq_mark, "drop_mark": drop_mark}
+    if cluster_cidr is not None:
+        net = ipaddress.IPv4Network(cluster_cidr, strict=False)
+        values.update(cluster_cidr=be32(str(net.network_address)), cluster_prefix_len=net.prefixlen,
+                      flags=flags | const("LB_CFG_F_CLUSTER_CIDR"))
+    return new("lb4_config", **values)
+
+
+def source_range_key(service_id: int, cidr: str) -> bytes:
+    """lb4_source_ranges key of one loadBalancerSourceRanges prefix of a service (value: 1)."""
+    net = ipaddress.IPv4Network(cidr, strict=False)
+    return new("lb4_source_range_key", prefixlen=32 + net.prefixlen, service_id=service_id,
+               address=be32(str(net.network_address)))
+
+
 def u32(value: int) -> bytes:
     return int(value).to_bytes(4, "little")
 

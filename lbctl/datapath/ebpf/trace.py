@@ -9,7 +9,10 @@ frame (lbctl.datapath.ebpf.packets) through BPF_PROG_TEST_RUN against the live m
 verdict, the output frame (destination and source as rewritten) and the report say what the
 datapath would do, expiry, closing state, the backend re-check, affinity and hairpin included,
 and no map changes. A packet the ingress program passes on is run through the egress program
-as well: that is where replies are translated, on their way into the client's pod.
+as well: that is where replies are translated, on their way into the client's pod. With
+``uplink``, the packet arrives by the uplink instead (a client outside the cluster, or another
+node): the uplink's tc programs run (the XDP program decides as the tc ingress program does;
+they share lib/lb.h), replies translated at egress of the uplink.
 
 The maps are reached through pins of our own: bcc's BPF_TABLE_PINNED reuses a pin when it
 exists and creates (and pins) a map when not, so the trace build is pointed at a private
@@ -137,7 +140,8 @@ def read_frame(data: bytes) -> Frame | None:
 class Step:
     """One program run: the hook, its verdict, what it counted and reported, its output."""
 
-    hook: str                       # "ingress" (pod -> node) | "egress" (node -> pod)
+    hook: str                       # "ingress" (pod -> node) | "egress" (node -> pod), or
+                                    # "uplink-in" / "uplink-out" (outside <-> node)
     verdict: str                    # pass | drop | redirect (back out of the link it came by)
     counted: list[str]              # LB_STAT_* names the real program would count
     flags: list[str]                # LB_TRACE_F_* names
@@ -147,6 +151,7 @@ class Step:
     slot: int
     count: int
     output: Frame | None
+    mark: int = 0                   # bits the packet leaves with (masquerade, drop)
 
     def has(self, name: str) -> bool:
         return name in self.flags or name in self.counted
@@ -183,7 +188,7 @@ class Trace:
         if self.output is not None:
             out.append(f"out       {self.output}")
         for step in self.steps:
-            out.append(f"  {step.hook:<8} {step.verdict:<9} counted {', '.join(step.counted) or '-'}")
+            out.append(f"  {step.hook:<10} {step.verdict:<9} counted {', '.join(step.counted) or '-'}")
         return out
 
     def as_dict(self) -> dict:
@@ -201,6 +206,7 @@ class Tracer:
         self.fds: dict[str, int] = {}
         self.private_dir = ""
         self.ingress_fd = self.egress_fd = -1
+        self.uplink_ingress_fd = self.uplink_egress_fd = -1
 
     def __enter__(self) -> Tracer:
         return self.open()
@@ -268,6 +274,10 @@ class Tracer:
             self.bpf = BPF(text=source.program_text(src), cflags=flags)
             self.ingress_fd = self.bpf.load_func(loader.PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
             self.egress_fd = self.bpf.load_func(loader.PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
+            self.uplink_ingress_fd = self.bpf.load_func(loader.PROGRAMS["uplink_ingress"].encode(),
+                                                        BPF.SCHED_CLS).fd
+            self.uplink_egress_fd = self.bpf.load_func(loader.PROGRAMS["uplink_egress"].encode(),
+                                                       BPF.SCHED_CLS).fd
         except Exception as exc:
             raise TraceError(f"compiling the trace build of {src} failed: {exc}") from exc
         finally:
@@ -289,7 +299,8 @@ class Tracer:
             os.rmdir(self.private_dir)
 
     def _run(self, hook: str, data: bytes) -> tuple[Step, bytes]:
-        fd = self.ingress_fd if hook == "ingress" else self.egress_fd
+        fd = {"ingress": self.ingress_fd, "egress": self.egress_fd, "uplink-in": self.uplink_ingress_fd,
+              "uplink-out": self.uplink_egress_fd}[hook]
         try:
             res = prog_test_run(fd, data)
         except OSError as exc:
@@ -301,15 +312,17 @@ class Tracer:
                     counted=[n for i, n in enumerate(names) if r.stats & (1 << i)],
                     flags=[n for bit, n in sorted(FLAG_NAMES.items()) if r.flags & bit],
                     service_id=r.service_id, backend_id=r.backend_id, ct_backend_id=r.ct_backend_id,
-                    slot=r.slot, count=r.count, output=read_frame(res.data))
+                    slot=r.slot, count=r.count, output=read_frame(res.data), mark=r.mark)
         return step, res.data
 
-    def trace(self, packet: Packet) -> Trace:
-        step, out = self._run("ingress", packet.frame())
+    def trace(self, packet: Packet, uplink: bool = False) -> Trace:
+        """`uplink`: the packet arrives by the uplink (from outside the node), not a pod's link."""
+        ingress, egress_hook = ("uplink-in", "uplink-out") if uplink else ("ingress", "egress")
+        step, out = self._run(ingress, packet.frame())
         steps = [step]
         if step.verdict == "pass" and not step.has("service"):
             # on into the node, and to a pod: where a reply is translated
-            egress, _ = self._run("egress", out)
+            egress, _ = self._run(egress_hook, out)
             if egress.has("reply"):
                 steps.append(egress)
         return explain(self.pin_dir, packet, steps)
@@ -368,10 +381,10 @@ def remove_stale_pin_dirs(parent: str) -> list[str]:
     return removed
 
 
-def trace(pin_dir: str, packet: Packet) -> Trace:
+def trace(pin_dir: str, packet: Packet, uplink: bool = False) -> Trace:
     """One packet through the trace build (compiled for this call)."""
     with Tracer(pin_dir) as tracer:
-        return tracer.trace(packet)
+        return tracer.trace(packet, uplink)
 
 
 # --- in words -----------------------------------------------------------------------------------
@@ -428,13 +441,32 @@ def _explain_service(pin_dir: str, t: Trace, step: Step) -> None:
         t.notes.append("a TCP segment without SYN and no conntrack entry (evicted, or a flow older "
                        "than the maps): balanced as a new flow, so a backend that never saw the "
                        "connection answers with a RST")
+    if step.has("masquerade"):
+        t.notes.append(f"leaves with the masquerade mark ({step.mark:#x}): lbctl's POSTROUTING rule "
+                       "masquerades the source, as kube-proxy's KUBE-POSTROUTING")
+    dropped_by_mark = (f": leaves untouched with the drop mark ({step.mark:#x}), which lbctl's "
+                       "filter rule drops (kube-proxy's KUBE-MARK-DROP)" if step.mark else
+                       ": dropped by the datapath (the control plane has not said its drop rule "
+                       "is in place)")
+    if step.has("source_range_drop"):
+        t.decision, t.reason = "drop", "source outside the service's loadBalancerSourceRanges" + dropped_by_mark
+        return
+    if step.has("pass_untracked"):
+        t.decision, t.reason = "pass", ("a TCP segment without SYN to a NodePort/external address, of "
+                                        "no flow lbctl tracks: passed to the stack (a reply to a "
+                                        "connection netfilter masqueraded is netfilter's)")
+        return
+    if step.has("no_backend") and step.has("svc_drop"):
+        t.backend = None
+        policy = ("externalTrafficPolicy Local" if step.has("drop_etp_local")
+                  else "internalTrafficPolicy Local")
+        t.decision, t.reason = "drop", (f"no endpoints and the frontend says drop ({policy} without "
+                                        "a local endpoint)" + dropped_by_mark)
+        return
     if step.has("no_backend"):
         if step.verdict == "drop":
             t.backend = None
-            if step.has("svc_drop"):
-                t.decision, t.reason = "drop", ("no endpoints and the frontend says drop "
-                                                "(internalTrafficPolicy Local without a local endpoint)")
-            elif step.count:
+            if step.count:
                 t.decision, t.reason = "drop", f"slot {step.slot} names no backend (a service half made?)"
             else:
                 t.decision, t.reason = "drop", ("no endpoints, and this packet gets no reject either "
@@ -466,7 +498,8 @@ def _explain_service(pin_dir: str, t: Trace, step: Step) -> None:
 def _explain_reply(pin_dir: str, t: Trace, step: Step) -> None:
     t.backend_id = step.backend_id
     t.backend = _backend_address(pin_dir, step.backend_id)
-    where = "at egress toward the client" if step.hook == "egress" else "at ingress (hairpin)"
+    where = ("at egress toward the client" if step.hook in ("egress", "uplink-out")
+             else "at ingress (hairpin)")
     if step.has("revnat"):
         source_ = f"{t.output.src}:{t.output.sport}" if t.output else "the service address"
         t.decision, t.reason = "revnat", f"reply of a tracked flow: source rewritten to {source_} {where}"
