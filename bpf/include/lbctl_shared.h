@@ -140,7 +140,17 @@
 				       * equals a frontend's is netfilter's, not a new flow) */
 #define LB_STAT_XDP_NO_META 19        /* XDP could not reserve its metadata: passed untouched,
 				       * for the tc program's full path */
-#define LB_STAT_MAX 20
+#define LB_STAT_SOCK_CONNECT 20       /* socket LB: connect() of a host socket to a frontend sent
+				       * to a backend (TCP, connected UDP) */
+#define LB_STAT_SOCK_SENDMSG 21       /* socket LB: an unconnected UDP datagram to a frontend sent
+				       * to a backend */
+#define LB_STAT_SOCK_REVNAT 22        /* socket LB: recvfrom()/getpeername() answered with the
+				       * frontend instead of the backend */
+#define LB_STAT_SOCK_REVNAT_STALE 23  /* socket LB: a socket's frontend was removed or given to
+				       * another service: its backend's address is shown as is */
+#define LB_STAT_SOCK_REVERSE_FULL 24  /* socket LB: lb4_reverse_sk could not take an entry: the
+				       * connect()/sendmsg() failed with ENOMEM */
+#define LB_STAT_MAX 25
 
 /* Marks, as kube-proxy's (KUBE-MARK-MASQ, KUBE-MARK-DROP): the datapath ORs them into
  * skb->mark; one constant POSTROUTING rule masquerades 0x4000, one filter rule drops 0x8000.
@@ -303,6 +313,30 @@ struct lb4_trace_result {
 	__u16 slot;                   /* the slot a new flow picked (0: none, affinity or a hit) */
 	__u16 count;                  /* the frontend's slot count */
 	__u32 mark;                   /* the bits the packet leaves with (masquerade/drop mark) */
+};
+
+/* lb4_reverse_sk: host-originated traffic is balanced where the socket names its destination
+ * (cgroup connect4/sendmsg4, bpf/prog/lbctl_sock.c): the socket is sent to the backend itself
+ * and no packet is rewritten. This map remembers, per socket and backend, the frontend the
+ * application asked for, so that getpeername() and recvfrom() answer with it (recvmsg4,
+ * getpeername4), as Cilium's lb4_reverse_sk. LRU: entries of closed sockets fall out. */
+#ifndef LB_REVERSE_SK_MAP_SIZE
+#define LB_REVERSE_SK_MAP_SIZE 65536
+#endif
+
+struct lb4_reverse_sk_key {
+	__u64 cookie;                 /* bpf_get_socket_cookie(): one socket, machine-wide */
+	__be32 address;               /* the backend the socket was sent to */
+	__be16 port;
+	__u8 pad[2];
+};
+
+struct lb4_reverse_sk_value {
+	__be32 address;               /* the frontend: cluster IP, node address, external IP */
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__u32 service_id;             /* the frontend's, to notice it was removed or reassigned */
 };
 
 #endif /* LBCTL_SHARED_H */

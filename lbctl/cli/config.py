@@ -141,7 +141,7 @@ def datapath_config(args) -> ebpf.DatapathConfig:
     return ebpf.DatapathConfig(
         pin_dir=args.pin_dir, max_services=args.max_services, max_backends=args.max_backends,
         services_map_size=args.services_map_size, ct_size=args.ct_size, devices=devices,
-        uplink_devices=uplinks, xdp=getattr(args, "xdp", "auto"), node_name=node_name(args),
+        uplink_devices=uplinks, xdp=getattr(args, "xdp", "auto"), node_name=node_name(args), cgroup_root=getattr(args, "cgroup_root", None),
         maglev_table_size=getattr(args, "maglev_table_size", ebpf.DatapathConfig.maglev_table_size))
 
 

@@ -377,6 +377,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--xdp", default="auto", choices=["auto", "native", "generic", "off"],
                      help="ebpf: XDP on uplinks: native, else generic (auto), only one of them, "
                           "or off (tc alone) (%(default)s)")
+    run.add_argument("--cgroup-root", nargs="?", const="/sys/fs/cgroup/unified", default=None,
+                     metavar="CGROUP2_DIR",
+                     help="ebpf: balance host-originated traffic (the node's processes, hostNetwork "
+                          "pods) at the socket, with cgroup programs attached to this cgroup v2 "
+                          "directory; given alone: %(const)s, the whole node. Default: off")
     _datapath_args(run)
     kp = run.add_argument_group("kube-proxy's flags (every mode; ebpf takes --node-ip, --cluster-cidr, "
                                 "--masquerade-all, --nodeport-addresses, --masquerade-bit)")

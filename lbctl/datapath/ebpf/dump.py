@@ -209,7 +209,15 @@ def summarize(maps: dict, names: dict[int, str], pin_dir: str) -> dict:
         "counters": counters,
         "drops": {reason: counters.get(f"drop_{reason}", 0) for reason in DROP_REASONS},
         "masquerade": {"marked": counters.get("masquerade", 0)},
+        "socket_lb": _socket_lb(pin_dir),
     }
+
+
+def _socket_lb(pin_dir: str) -> list[dict]:
+    """sock-lb: the cgroup attachments of the socket load balancer (lbctl.datapath.ebpf.sock)."""
+    from lbctl.datapath.ebpf import sock
+
+    return sock.attachments(pin_dir)
 
 
 DROP_REASONS = ("etp_local", "source_range", "itp_local")
@@ -266,7 +274,7 @@ def _cgroup_attachments(pin_dir: str) -> list[dict]:
     """Socket-level load balancing's cgroup attachments: lbctl.datapath.ebpf.sock reports them
     (``attachments(pin_dir)``, a list of {"cgroup", "programs"}) where it is part of lbctl."""
     try:
-        from lbctl.datapath.ebpf import sock  # type: ignore[attr-defined]
+        from lbctl.datapath.ebpf import sock
     except ImportError:
         return []
     report = getattr(sock, "attachments", None)
@@ -311,6 +319,9 @@ def format_table(state: dict) -> str:
     lines.append("")
     lines.append(f"{len(state['services'])} frontend(s), {state['backends']} backend(s), "
                  f"{state['conntrack_entries']} conntrack entries (2 per flow) in {state['pin_dir']}")
+    for row in state.get("socket_lb", ()):   # sock-lb
+        lines.append(f"socket LB: {row['hook']:<13} cgroup {row['cgroup']}  (link {row['link_id']}, "
+                     f"program {row['program']} id {row['prog_id']})")
     counters = "  ".join(f"{k}={v}" for k, v in state["counters"].items() if v)
     lines.append(f"datapath counters: {counters or '(all zero)'}")
     if "drops" in state:

@@ -100,6 +100,7 @@ class DatapathConfig:
     xdp: str = "auto"                      # XDP_CHOICES: the XDP modes tried on uplinks, in order
     maglev_table_size: int = shared.const("LB_MAGLEV_DEFAULT_TABLE_SIZE")  # M of Maglev services without their own
     node_name: str = field(default_factory=lambda: socket.gethostname().strip().lower())  # iTP Local
+    cgroup_root: str | None = None   # socket LB of host traffic in this cgroup v2 (lbctl.datapath.ebpf.sock)
 
     def cflags(self) -> list[str]:
         return [

@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lbctl.datapath.base import DatapathError, SyncResult, cleanup_other_modes
-from lbctl.datapath.ebpf import dump, rules, shared
+from lbctl.datapath.ebpf import dump, rules, shared, sock
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.reconcile import Reconciler
 from lbctl.datapath.kubeproxy import common
@@ -138,9 +138,11 @@ class EbpfMode:
         self._node_changed = False
         self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
         self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
+        self.sock: sock.SockLb | None = None        # sock-lb: socket programs (--cgroup-root)
 
     def start(self) -> None:
         self.datapath = ebpf.EbpfDatapath(self.cfg).load()
+        self.sock = sock.start(self.cfg)   # sock-lb: host traffic, with --cgroup-root only
         self.reconciler = Reconciler(self.datapath.maps, self.cfg.max_services, self.cfg.max_backends)
         self._switched = False
         self._write_config()
@@ -192,6 +194,8 @@ class EbpfMode:
         _, reconciler = self._loaded()
         self._refresh_desired(reconciler, ports)
         result = reconciler.sync(self.desired)
+        if self.sock:   # sock-lb: UDP sockets connected to removed backends are destroyed
+            self.sock.after_sync(self._loaded()[0].maps, result)
         if not reconciler.dirty:
             self._write_names(reconciler)
             if not self._switched and self.switch_modes and (result.errors or self.failed):
@@ -244,6 +248,8 @@ class EbpfMode:
         self._repair_rules()
         self._refresh_desired(reconciler, None)
         result = reconciler.resync(self.desired)
+        if self.sock:   # sock-lb: links removed behind our back are made again
+            self.sock.verify()
         if not reconciler.dirty:
             self._write_names(reconciler)
         return result
@@ -372,6 +378,8 @@ class EbpfMode:
         else:
             log.info("exiting; programs stay attached and maps pinned under %s "
                      "(`lbctl cleanup` removes them)", self.cfg.pin_dir)
+        if self.sock is not None:
+            self.sock.close()
         if self.datapath is not None:
             self.datapath.close()
 
@@ -380,11 +388,12 @@ class EbpfMode:
         """Every object of the eBPF mode for this pin dir: filters and XDP programs, pinned
         maps, the names file, the mark rules (`lbctl cleanup`, and a switch to another mode)."""
         links = ebpf.detach_all(cfg.tc_name)
+        sockets = sock.cleanup(cfg.pin_dir)   # sock-lb: cgroup links, lb4_reverse_sk
         maps = ebpf.remove_pins(cfg.pin_dir)
         dump.remove_names(cfg.pin_dir)
         marks = rules.remove(rules.table_name(cfg.pin_dir), runner)
-        return ([f"tc filter on {name}" for name in links] + [f"pinned map {m}" for m in maps]
-                + marks)
+        return ([f"tc filter on {name}" for name in links] + sockets
+                + [f"pinned map {m}" for m in maps] + marks)
 
 
 _UPLINK_MODES = {"xdp-native": "XDP (native, in the driver) and tc",
