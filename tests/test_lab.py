@@ -6,6 +6,7 @@ process, route or file behind.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from nsutil import wait_for
 
 from lbctl.lab import cluster as lab
 from lbctl.lab import netns
@@ -265,7 +267,11 @@ def test_spawned_servers_do_not_keep_the_callers_descriptors(tmp_path):
     try:
         pid = netns.spawn_in(ns, ["sleep", "30"], tmp_path / "log")
         try:
-            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            wait_for(lambda: netns.process_cmdline(pid)[:1] == ["sleep"], what="the spawned command")
+            held = set()
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(FileNotFoundError):
+                    held.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
             assert os.readlink(f"/proc/self/fd/{write_end}") not in held
         finally:
             netns.stop_process(pid)
