@@ -13,7 +13,7 @@ import threading
 
 import pytest
 from conftest import TEST_PIN_DIR, config_for_tests
-from nsutil import strict_node, wait_for
+from nsutil import forget_conntrack, strict_node, wait_for
 
 from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf import dump
@@ -277,6 +277,7 @@ def test_iptables_mode_follows_the_api_server(k8s_lab, agent):
     """A kube-proxy mode on the same source: kube-proxy's iptables rules for what the API
     server holds (the eBPF agent is stopped first: its tc programs would answer first)."""
     agent.teardown()
+    forget_conntrack(POD_CIDR)   # the eBPF flows' entries would clash with iptables' DNATed ones
     mode = iptables_mode.IptablesMode(
         iptables_mode.config_from(node_name=k8s_lab.node, node_ips=(GATEWAY,), cluster_cidr=POD_CIDR,
                                   tcp_be_liberal=False),
@@ -291,3 +292,4 @@ def test_iptables_mode_follows_the_api_server(k8s_lab, agent):
         k8s_lab.cp.set_pod_ready(k8s_lab.namespace, "web-0", True)
         running.stop()
         iptables_mode.IptablesMode.cleanup()
+        forget_conntrack(POD_CIDR)

@@ -401,6 +401,8 @@ class KubernetesSource:
             raise
         self._responses[kind.name] = response
         try:
+            if self._stop.is_set():              # stop() came while the watch was opened
+                return rv
             for line in _lines(response):
                 if self._stop.is_set():
                     break
