@@ -130,7 +130,7 @@ def collect(pin_dir: str) -> dict:
             address, port, proto, _ = decode.backend(value)
             backends[decode.u32(key)[0]] = _endpoint(address, port, proto)
         frontends, slots, _ = decode.services(svc_map.items(), affinity_flag)
-        rows = {raw: ServiceRow(service_id, names.get(service_id, ""), _endpoint(*raw), count,
+        rows = {raw: ServiceRow(service_id, names.get(service_id, ""), _endpoint(*raw[:3]), count,
                                 affinity, bool(flags & drop_flag))
                 for raw, (service_id, count, affinity, flags) in frontends.items()}
         for raw, row in rows.items():
