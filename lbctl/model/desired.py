@@ -132,10 +132,11 @@ def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses) 
     policy = _policy(info, node_name)
     affinity = service.session_affinity_timeout if service.session_affinity == "ClientIP" else 0
     draining = _draining(info, policy.cluster + policy.local)
-    common = dict(name=info.name, draining=draining, affinity_timeout=affinity)
-
-    internal = ServiceEntry(frontend=Frontend("", 0, port.protocol), **common,
+    cluster_ips = _addresses(service.cluster_ips)[:1]     # kube-proxy: the family's first cluster IP
+    # the ClusterIP frontend (internal traffic), then the one every external kind copies
+    internal = ServiceEntry(frontend=Frontend(cluster_ips[0], port.port, port.protocol), name=info.name,
                             backends=policy.local if policy.internal_local else policy.cluster,
+                            draining=draining, affinity_timeout=affinity,
                             drop_without_backends=policy.internal_local and policy.has_endpoints)
     if policy.external_local:
         external = dataclasses.replace(internal, backends=policy.local, internal_backends=policy.cluster,
@@ -143,9 +144,7 @@ def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses) 
     else:
         external = dataclasses.replace(internal, backends=policy.cluster, drop_without_backends=False)
 
-    result = []
-    for ip in _addresses(service.cluster_ips)[:1]:   # kube-proxy: the family's first cluster IP
-        result.append(dataclasses.replace(internal, frontend=Frontend(ip, port.port, port.protocol)))
+    result = [internal]
     if port.node_port:
         for ip in _addresses(node.nodeport_ips):
             result.append(dataclasses.replace(external, kind=FrontendKind.NODE_PORT,
