@@ -11,7 +11,6 @@ import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from lbctl.model.addresses import parse_cidr_sloppy, parse_ip_sloppy
 from lbctl.model.objects import (
@@ -180,10 +179,12 @@ def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses,
     affinity = service.session_affinity_timeout if service.session_affinity == "ClientIP" else 0
     draining = _draining(info, policy.cluster + policy.local)
     maglev = (service.maglev_table_size or maglev_table_size) if service.load_balancing == "maglev" else 0
-    common: dict[str, Any] = dict(name=info.name, draining=draining, affinity_timeout=affinity)
-
-    internal = ServiceEntry(frontend=Frontend("", 0, port.protocol), **common, maglev_table_size=maglev,
+    cluster_ips = _addresses(service.cluster_ips)[:1]     # kube-proxy: the family's first cluster IP
+    # the ClusterIP frontend (internal traffic), then the one every external kind copies
+    internal = ServiceEntry(frontend=Frontend(cluster_ips[0], port.port, port.protocol), name=info.name,
+                            maglev_table_size=maglev,
                             backends=policy.local if policy.internal_local else policy.cluster,
+                            draining=draining, affinity_timeout=affinity,
                             drop_without_backends=policy.internal_local and policy.has_endpoints)
     if policy.external_local:
         external = dataclasses.replace(internal, backends=policy.local, internal_backends=policy.cluster,
@@ -191,9 +192,7 @@ def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses,
     else:
         external = dataclasses.replace(internal, backends=policy.cluster, drop_without_backends=False)
 
-    result = []
-    for ip in _addresses(service.cluster_ips)[:1]:   # kube-proxy: the family's first cluster IP
-        result.append(dataclasses.replace(internal, frontend=Frontend(ip, port.port, port.protocol)))
+    result = [internal]
     if port.node_port:
         for ip in _addresses(node.nodeport_ips):
             result.append(dataclasses.replace(external, kind=FrontendKind.NODE_PORT,

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import subprocess
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,7 +121,7 @@ def _sum_stats(values) -> tuple[int, int, int]:
     return packets, bytes_, flows
 
 
-def _stats_of(stats_map: BpfMap, ids: set[int]) -> dict[int, tuple[int, int, int]]:
+def _stats_of(stats_map: Any, ids: set[int]) -> dict[int, tuple[int, int, int]]:
     """Counters of `ids`: one lookup each when they are few, else one batched walk of the
     whole array (a lookup per id would be a syscall per service)."""
     holder: Any = getattr(stats_map, "info", stats_map)
@@ -245,7 +247,7 @@ def attachments(pin_dir: str, tc_name: str | None = None) -> dict:
 
         with IPRoute() as ipr:
             for index, name in ebpf.attached_links(ipr, tc_name):
-                programs = _tc_programs(ipr, index, tc_name)
+                programs = _tc_programs(name, tc_name)
                 uplink = any(p.startswith("lb_tc_uplink") for p in programs.values())
                 links.append({"link": name, "ifindex": index, "role": "uplink" if uplink else "pod",
                               "mode": ebpf.uplink_mode(ipr, index, tc_name) if uplink else "tc",
@@ -256,18 +258,26 @@ def attachments(pin_dir: str, tc_name: str | None = None) -> dict:
             "cgroups": _cgroup_attachments(pin_dir)}
 
 
-def _tc_programs(ipr, index: int, tc_name: str) -> dict[str, str]:
-    """{"ingress": program name, "egress": ...} of our filters on one link."""
-    from lbctl.datapath.ebpf import bpfsys
-    from lbctl.datapath.ebpf import loader as ebpf
-
+def _tc_programs(link: str, tc_name: str) -> dict[str, str]:
+    """{"ingress": program name, "egress": ...} of our filters on one link. Read from `tc filter
+    show` (pyroute2 does not decode the program id of a bpf filter); kernel program names are
+    cut at 15 characters ("lb_tc_uplink_in")."""
     found = {}
-    for parent, hook in ((ebpf.TC_INGRESS, "ingress"), (ebpf.TC_EGRESS, "egress")):
-        for f in ebpf._filters(ipr, index, parent):
-            if ebpf._ours(f, tc_name):
-                prog_id = f.get_attr("TCA_OPTIONS").get_attr("TCA_BPF_ID")
-                found[hook] = bpfsys.prog_name(prog_id) if prog_id else "?"
+    for hook in ("ingress", "egress"):
+        try:
+            out = subprocess.run(["tc", "filter", "show", "dev", link, hook], capture_output=True,
+                                 text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            continue
+        for line in out.splitlines():
+            words = line.split()
+            match = _TC_PROGRAM.search(line)
+            if tc_name in words and match:
+                found[hook] = match.group(1)
     return found
+
+
+_TC_PROGRAM = re.compile(r" id \d+ name (\S+)")
 
 
 def _cgroup_attachments(pin_dir: str) -> list[dict]:
