@@ -25,7 +25,8 @@ from lbctl.datapath.ebpf import dump
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.lab import cluster as lab
 from lbctl.lab.client import request_spread
-from lbctl.sources.manifests import ManifestSource
+from lbctl.model.desired import service_ports
+from lbctl.sources.manifests import ManifestSource, load_manifests
 
 pytestmark = [pytest.mark.root, pytest.mark.netns]
 
@@ -35,6 +36,18 @@ AGENT_PIN_DIR = TEST_PIN_DIR + "-agent"
 
 def lab_spec(prefix: str = PREFIX, octet: int = 200) -> lab.LabSpec:
     return lab.LabSpec(prefix=prefix, pod_cidr=f"10.244.{octet}.0/24", gateway=f"10.244.{octet}.1")
+
+
+class RecordingAgent(Agent):
+    """The agent, remembering the service ports of its last successful sync."""
+
+    last_ports = None
+
+    def sync_snapshot(self, snapshot):
+        result = super().sync_snapshot(snapshot)
+        if not result.errors:
+            self.last_ports = service_ports(snapshot)
+        return result
 
 
 class RunningAgent:
@@ -47,8 +60,8 @@ class RunningAgent:
 
     def start(self) -> RunningAgent:
         self.stop_event = threading.Event()
-        self.agent = Agent(ManifestSource(self.manifests, interval=0.1), self.cfg,
-                           AgentOptions(interval=0.1, detach_on_exit=False, link_rescan=0.5))
+        self.agent = RecordingAgent(ManifestSource(self.manifests, interval=0.1), self.cfg,
+                                    AgentOptions(interval=0.1, detach_on_exit=False, link_rescan=0.5))
         self.thread = threading.Thread(target=self.agent.run, args=(self.stop_event,),
                                        kwargs={"max_seconds": 600}, daemon=True)
         self.thread.start()
@@ -58,6 +71,9 @@ class RunningAgent:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(30)
+
+    def last_ports(self):
+        return self.agent.last_ports if self.agent else None
 
     def wait_synced_after(self, change) -> None:
         """Applies `change` (a manifest edit) and waits until the agent has synced it."""
@@ -99,8 +115,22 @@ def manifests(cluster):
             if p.name not in saved:
                 p.unlink()
         for name, text in saved.items():
-            (path / name).write_text(text)
+            write_atomically(path / name, text)
     agent.wait_synced_after(restore)
+    # Not just a sync after the change: the sync of exactly the restored manifests. The first
+    # sync can be of a half-restored directory, and the next test then met a service without
+    # its endpoints (test_restart_keeps_established_flows: ECONNREFUSED on the first request).
+    expected = service_ports(load_manifests(path))
+    wait_for(lambda: agent.last_ports() == expected, 10, what="the restored manifests synced")
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """A hidden temporary file (which the source skips) renamed over the file: the agent never
+    reads a truncated or half-written manifest (an empty EndpointSlice file is valid YAML with
+    no endpoints: a service the agent then programs as rejecting)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def client_ns(state) -> str:
@@ -161,7 +191,7 @@ def edit_slice(path: Path, service: str, keep) -> None:
     f = path / f"default-{service}.endpointslice.yaml"
     doc = yaml.safe_load(f.read_text())
     doc["endpoints"] = [e for e in doc["endpoints"] if keep(e)]
-    f.write_text(yaml.safe_dump(doc))
+    write_atomically(f, yaml.safe_dump(doc))
 
 
 def test_removed_endpoint_gets_no_new_connections(cluster, manifests):

@@ -7,6 +7,7 @@ process, route or file behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import subprocess
 import sys
@@ -198,6 +199,15 @@ class TestLab:
         assert udp["answers"] == {} and udp["errors"]["unreachable"] >= 1
         assert udp["errors"]["unreachable"] + udp["errors"]["timeout"] == 5
 
+    def test_the_root_namespace_is_the_one_node_on_the_lab_network(self, lab_state):
+        """One node: the root namespace, its node address on the bridge, which the outside
+        client reaches (a RST from port 9)."""
+        node = lab_state.node()
+        assert node.ns is None and node.uplink == lab_state.bridge
+        assert f"{node.ip}/24" in netns.ip("-o", "-4", "addr", "show", "dev", lab_state.bridge).stdout
+        report = request_spread(lab_state.outside_ns, "tcp", f"{node.ip}:9", 2)
+        assert report["errors"]["refused"] == 2, report
+
     def test_unused_pod_ip_does_not_leave_the_node(self, lab_state):
         """The node answers with ICMP host unreachable (rate limited: the rest time out)."""
         unused = lab_state.pods["client-0"].ip.rsplit(".", 1)[0] + ".250"
@@ -280,3 +290,114 @@ def test_spawned_servers_do_not_keep_the_callers_descriptors(tmp_path):
         os.close(read_end)
         os.close(write_end)
         netns.del_netns(ns)
+
+
+# --- several nodes: kind's network ------------------------------------------------------------
+
+
+def test_nodes_are_planned_like_kind():
+    """Each node its own pod CIDR and node address; pods spread round-robin per group."""
+    spec = lab.LabSpec(prefix="lbq", pod_cidr="10.244.40.0/24", gateway="10.244.40.1", nodes=2)
+    state = lab.LabState(spec=spec, pods=lab.plan_pods(spec), manifests_dir="/nonexistent")
+    assert [(n.name, n.ns, n.ip, n.uplink, n.pod_cidr, n.gateway) for n in state.node_list()] == [
+        ("lab-node", "lbq-node0", "172.18.40.2", "eth0", "10.244.40.0/24", "10.244.40.1"),
+        ("lab-node-1", "lbq-node1", "172.18.40.3", "eth0", "10.244.41.0/24", "10.244.41.1")]
+    assert {name: (p.node, p.ip) for name, p in state.pods.items()} == {
+        "client-0": ("lab-node", "10.244.40.2"), "client-1": ("lab-node-1", "10.244.41.2"),
+        "web-0": ("lab-node", "10.244.40.3"), "web-1": ("lab-node-1", "10.244.41.3"),
+        "web-2": ("lab-node", "10.244.40.4"),
+        "dns-0": ("lab-node", "10.244.40.5"), "dns-1": ("lab-node-1", "10.244.41.4")}
+    web = lab.render_manifests(state)["default-web.endpointslice.yaml"]
+    assert [e["nodeName"] for e in web["endpoints"]] == ["lab-node", "lab-node-1", "lab-node"]
+    assert len({n.pin_dir for n in state.node_list()}) == 2
+    assert all(n.cgroup.startswith("/sys/fs/cgroup/unified/lbctl-lab-lbq/") for n in state.node_list())
+    moved = lab.LabSpec(prefix="lbq", pod_cidr="10.244.40.0/24", gateway="10.244.40.1", nodes=2,
+                        placement=(("web-1", 0),))
+    assert lab.plan_pods(moved)["web-1"].node == "lab-node"
+    one = lab.LabState(spec=lab.default_spec(), pods=lab.plan_pods(lab.default_spec()), manifests_dir="")
+    assert one.node().ns is None and one.node().uplink == "brlbctl"
+
+
+@pytest.mark.parametrize("spec, message", [
+    (lab.LabSpec(nodes=0), "1 to 16 nodes"),
+    (lab.LabSpec(nodes=2, placement=(("web-0", 2),)), "no such pod or node"),
+    (lab.LabSpec(pod_cidr="10.244.255.0/24", gateway="10.244.255.1", nodes=2), "cluster CIDR"),
+])
+def test_bad_node_spec_is_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        spec.validate()
+
+
+def in_node(node: lab.Node, *argv: str) -> str:
+    return netns.run([*node.enter(), *argv]).stdout
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    spec = dataclasses.replace(spec_for_test(0), prefix=f"lbk{os.getpid() % 100000}",
+                               pod_cidr="10.244.190.0/24", gateway="10.244.190.1", nodes=2)
+    state = lab.lab_up(spec, tmp_path_factory.mktemp("two") / "manifests")
+    try:
+        yield state
+    finally:
+        pids = lab_pids(state)
+        assert lab.lab_down(spec.prefix) is True
+        assert not [pid for pid in pids if netns.pid_alive(pid)]
+        left = {n.ns for n in state.node_list()} | {state.outside_ns} | set(state.namespaces())
+        assert not left & set(netns.list_netns())
+        assert not set(lab.root_links(spec)) & link_names()
+        assert f"iif {state.bridge} " not in netns.run(["ip", "rule"]).stdout
+        assert not any(os.path.exists(n.cgroup) for n in state.node_list())
+        assert not os.path.exists(os.path.dirname(state.node().cgroup))
+        assert not state.path.exists()
+
+
+class TestNodes:
+    pytestmark = needs_root
+
+    def test_nodes_are_namespaces_set_up_as_kind_nodes(self, two_nodes):
+        for node in two_nodes.node_list():
+            sysctls = in_node(node, "sysctl", "-n", "net.ipv4.ip_forward", "net.ipv4.conf.all.rp_filter")
+            assert sysctls.split() == ["1", "1"]
+            routes = in_node(node, "ip", "route")
+            assert f"default via {two_nodes.spec.lab_network().network_address + 1} dev eth0" in routes
+            for other in two_nodes.node_list():
+                if other is not node:
+                    assert f"{other.pod_cidr} via {other.ip} dev eth0" in routes
+            links = in_node(node, "ip", "-o", "link")
+            assert sorted(two_nodes.host_links(node.name)) == sorted(
+                name for name in (line.split(":")[1].strip().split("@")[0] for line in links.splitlines())
+                if name.startswith("veth"))
+            assert "KIND-MASQ-AGENT" in in_node(node, "iptables-save", "-t", "nat")   # conntrack on
+            assert os.path.isdir(node.cgroup)
+        assert not set(two_nodes.host_links()) & link_names(), "pod links live in their nodes"
+
+    @pytest.mark.parametrize("proto,pod,port", [("tcp", "web-1", 8080), ("udp", "dns-1", 5353),
+                                                ("tcp", "web-0", 8080)])
+    def test_pods_reach_pods_on_every_node_by_pod_ip(self, two_nodes, proto, pod, port):
+        for client in ("client-0", "client-1"):
+            me = two_nodes.pods[client]
+            report = request_spread(me.ns, proto, f"{two_nodes.pods[pod].ip}:{port}", 5)
+            assert report["answers"] == {pod: 5} and report["peers"] == {me.ip: 5}, (client, report)
+
+    def test_outside_client_reaches_the_node_addresses_only(self, two_nodes):
+        """Something answers at each node address (a RST: nothing listens on port 9 there);
+        a pod IP is not routed from outside."""
+        for node in two_nodes.node_list():
+            report = request_spread(two_nodes.outside_ns, "tcp", f"{node.ip}:9", 2)
+            assert report["errors"]["refused"] == 2, (node.name, report)
+        report = request_spread(two_nodes.outside_ns, "tcp", f"{two_nodes.pods['web-0'].ip}:8080", 1,
+                                timeout=0.3)
+        assert report["answers"] == {}
+
+    def test_host_processes_run_in_the_node_namespace_and_cgroup(self, two_nodes):
+        node = two_nodes.node(1)
+        out = netns.run(node.host_argv(["sh", "-c", "cat /proc/self/cgroup; ip -o -4 addr show dev eth0"])).stdout
+        assert f"0::/{os.path.relpath(node.cgroup, lab.CGROUP_ROOT)}" in out.splitlines()
+        assert f"{node.ip}/24" in out
+
+    def test_describe_names_each_nodes_agent(self, two_nodes):
+        text = lab.describe(two_nodes)
+        for node in two_nodes.node_list():
+            assert f"nsenter --net=/run/netns/{node.ns} -- lbctl run" in text
+            assert f"--node-name {node.name}" in text and f"--pin-dir {node.pin_dir}" in text

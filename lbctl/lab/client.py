@@ -189,12 +189,20 @@ def parse_target(text: str) -> tuple[str, int]:
 def request_spread(ns: str, proto: str, target: str | tuple[str, int], count: int, *,
                    timeout: float = 1.0, concurrency: int = 16, max_seconds: float = 30.0) -> dict:
     """Run the lab client inside network namespace `ns` and return its parsed JSON report."""
+    return request_spread_via(["ip", "netns", "exec", ns], proto, target, count, timeout=timeout,
+                              concurrency=concurrency, max_seconds=max_seconds)
+
+
+def request_spread_via(enter: list[str], proto: str, target: str | tuple[str, int], count: int, *,
+                       timeout: float = 1.0, concurrency: int = 16, max_seconds: float = 30.0) -> dict:
+    """Run the lab client under the argv prefix `enter` (a pod's namespace; a node's namespace
+    and cgroup, as a host process: lbctl.lab.cluster.Node.host_argv) and return its report."""
     if not isinstance(target, str):
         target = f"{target[0]}:{target[1]}"
     argv = netns.python_argv("lbctl.lab.client", "--proto", proto, "--target", target,
                              "--count", str(count), "--timeout", str(timeout),
                              "--concurrency", str(concurrency), "--max-seconds", str(max_seconds))
-    proc = netns.run_in(ns, argv, timeout=max_seconds + timeout + 15, env=netns.python_env())
+    proc = netns.run([*enter, *argv], timeout=max_seconds + timeout + 15, env=netns.python_env())
     return json.loads(proc.stdout)
 
 

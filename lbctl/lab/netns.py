@@ -8,28 +8,47 @@ half-made state:
     add_pod              <-> del_pod          (veth pair, addresses, routes)
     add_route            <-> del_route
     set_ip_forward       <-> set_ip_forward(previous)
+    set_sysctls          <-> set_sysctls(previous)
     spawn_in             <-> stop_process     (detached process inside a namespace)
 
 Pods are wired like the ptp CNI plugin (kind's kindnet): the pod gets ``IP/32`` on ``eth0`` and a
 default route via the gateway, which is reachable "scope link" on ``eth0``; the host end of the veth
 carries the gateway address as ``/32`` (the same address on every host veth) and a route
 ``IP/32 dev <host veth>``. No bridge, so every pod packet crosses the host end of its veth, where
-tc programs can see it.
+tc programs can see it. The host end lives in the pod's node: the root namespace, or the node's
+own namespace (``Pod.node_ns``).
+
+Commands that configure one namespace go to iproute2 as one batch (``ip [-n NS] -batch -``) and
+sysctls are written from a thread that entered the namespace (``in_netns``): a lab of many pods
+costs a few processes per pod, not a dozen.
+
+Processes that need bpffs or the cgroup2 mount (an agent, ``bpftool``) must enter a namespace with
+``nsenter --net=/run/netns/NS`` (``enter_argv``): ``ip netns exec`` mounts a fresh /sys, in which
+neither exists.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 IFNAMSIZ = 15                       # longest interface name Linux accepts (16 with the NUL)
 NETNS_DIR = Path("/run/netns")      # where `ip netns add` pins named namespaces
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]   # the directory holding lbctl/
+
+
+CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+T = TypeVar("T")
 
 
 class NetnsError(RuntimeError):
@@ -53,6 +72,51 @@ def run(argv: list[str], *, check: bool = True, timeout: float = 30.0, input: st
 def ip(*args: str, ns: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`ip [-n ns] args...`."""
     return run(["ip", *(["-n", ns] if ns else []), *args], check=check)
+
+
+def ip_batch(lines: Iterable[str], ns: str | None = None) -> None:
+    """Several ip commands (``link add ...``, one a line) in one ``ip [-n ns] -batch -``. iproute2
+    stops at the first failing line and says which; NetnsError then names the batch."""
+    text = "".join(line + "\n" for line in lines)
+    if text:
+        run(["ip", *(["-n", ns] if ns else []), "-batch", "-"], input=text)
+
+
+def enter_argv(ns: str | None) -> list[str]:
+    """The argv prefix that runs a command in namespace ns (nothing for the root namespace), with
+    this mount namespace's /sys (bpffs and cgroup2 stay visible)."""
+    return ["nsenter", f"--net={NETNS_DIR / ns}", "--"] if ns else []
+
+
+def in_netns(ns: str | None, fn: Callable[..., T], *args) -> T:
+    """fn(*args) in network namespace ns (None: here), its result or its exception.
+
+    setns() moves only the calling thread, so a thread enters ns, calls fn and ends: sockets it
+    makes, processes it starts and /proc/sys/net it reads or writes are ns's; the caller's own
+    thread never moves."""
+    if ns is None:
+        return fn(*args)
+    out: list = []
+
+    def enter() -> None:
+        try:
+            fd = os.open(NETNS_DIR / ns, os.O_RDONLY)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns into netns {ns}")
+            finally:
+                os.close(fd)
+            out.append((True, fn(*args)))
+        except BaseException as exc:       # handed to the caller's thread
+            out.append((False, exc))
+
+    thread = threading.Thread(target=enter, name=f"netns-{ns}")
+    thread.start()
+    thread.join()
+    ok, value = out[0]
+    if not ok:
+        raise value
+    return value
 
 
 def run_in(ns: str, argv: list[str], *, check: bool = True, timeout: float = 30.0,
@@ -114,16 +178,23 @@ def list_netns() -> list[str]:
 # --- links and routes ------------------------------------------------------------------------
 
 
-def link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
+def link_exists(name: str, ns: str | None = None) -> bool:
+    """Whether link `name` exists in ns (None: the root namespace). Read through /proc/sys/net,
+    which follows the reader's namespace, unlike /sys/class/net (the mounting process's)."""
+    if ns is not None and not netns_exists(ns):
+        return False
+    return in_netns(ns, os.path.exists, f"/proc/sys/net/ipv4/conf/{name}") or \
+        (ns is None and Path("/sys/class/net", name).exists())
 
 
-def del_link(name: str) -> None:
-    """Delete a link in the node's namespace if present (a veth takes its peer with it)."""
-    if link_exists(name):
-        ip("link", "del", name, check=False)
-        if link_exists(name):
-            raise NetnsError(f"could not delete link {name}; try `ip link del {name}`")
+def del_link(name: str, ns: str | None = None) -> None:
+    """Delete a link in namespace ns (None: the root namespace) if present (a veth takes its
+    peer with it)."""
+    if link_exists(name, ns):
+        ip("link", "del", name, ns=ns, check=False)
+        if link_exists(name, ns):
+            where = f"-n {ns} " if ns else ""
+            raise NetnsError(f"could not delete link {name}; try `ip {where}link del {name}`")
 
 
 def add_route(route: str) -> None:
@@ -137,6 +208,36 @@ def del_route(route: str) -> None:
     proc = ip("route", "del", *route.split(), check=False)
     if proc.returncode != 0 and "No such process" not in proc.stderr:
         raise NetnsError(f"`ip route del {route}` failed: {proc.stderr.strip()}")
+
+
+def add_rule(rule: str) -> None:
+    """`ip rule add <rule>` in the root namespace, unless that exact rule is there.
+    Cleanup: del_rule."""
+    if not rule_exists(rule):
+        ip("rule", "add", *rule.split())
+
+
+def rule_exists(rule: str) -> bool:
+    return ip("rule", "list", *rule.split(), check=False).stdout.strip() != ""
+
+
+def del_rule(rule: str) -> None:
+    """`ip rule del <rule>` while it exists."""
+    while rule_exists(rule):
+        ip("rule", "del", *rule.split())
+
+
+def set_sysctls(ns: str | None, values: dict[str, str]) -> dict[str, str]:
+    """Write sysctls ("net.ipv4.ip_forward": "1") in namespace ns (None: the root namespace);
+    returns the values they had, which set_sysctls(ns, previous) puts back."""
+    def write() -> dict[str, str]:
+        previous = {}
+        for name, value in values.items():
+            path = Path("/proc/sys", *name.split("."))
+            previous[name] = path.read_text().strip()
+            path.write_text(value + "\n")
+        return previous
+    return in_netns(ns, write)
 
 
 def set_sysctl(path: Path, value: str) -> str:
@@ -156,13 +257,16 @@ def set_ip_forward(value: str) -> str:
 
 @dataclass(frozen=True)
 class Pod:
-    """A pod: namespace `ns` joined to the node by veth `host_link` <-> `eth0` (inside ns)."""
+    """A pod: namespace `ns` joined to its node by veth `host_link` <-> `eth0` (inside ns); the
+    host end is in namespace `node_ns` (None: the root namespace is the node)."""
 
     name: str
     ns: str
     ip: str
     host_link: str
     gateway: str = "10.244.0.1"
+    node: str = "lab-node"
+    node_ns: str | None = None
 
 
 def check_link_name(name: str) -> None:
@@ -178,7 +282,7 @@ def add_pod(pod: Pod) -> None:
     Cleanup: del_pod.
     """
     check_link_name(pod.host_link)
-    add_netns(pod.ns)
+    ip("netns", "add", pod.ns)     # lo comes up with the pod's other settings
     try:
         _wire_pod(pod)
     except BaseException:
@@ -186,22 +290,26 @@ def add_pod(pod: Pod) -> None:
         raise
 
 
+IPV6_OFF = {"net.ipv6.conf.all.disable_ipv6": "1", "net.ipv6.conf.default.disable_ipv6": "1"}
+
+
 def _wire_pod(pod: Pod) -> None:
     # IPv6 off inside the pod (set before eth0 exists, so eth0 inherits it) and on the host end:
     # no link-local addresses, router solicitations or MLD reports in the datapath under test.
-    run_in(pod.ns, ["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                    "net.ipv6.conf.default.disable_ipv6=1"])
-    ip("link", "add", pod.host_link, "type", "veth", "peer", "name", "eth0", "netns", pod.ns)
-    set_sysctl(Path("/proc/sys/net/ipv6/conf", pod.host_link, "disable_ipv6"), "1")
-
-    ip("addr", "add", f"{pod.ip}/32", "dev", "eth0", ns=pod.ns)
-    ip("link", "set", "eth0", "up", ns=pod.ns)
-    ip("route", "add", pod.gateway, "dev", "eth0", "scope", "link", ns=pod.ns)
-    ip("route", "add", "default", "via", pod.gateway, "dev", "eth0", ns=pod.ns)
-
-    ip("addr", "add", f"{pod.gateway}/32", "dev", pod.host_link)
-    ip("link", "set", pod.host_link, "up")
-    ip("route", "add", f"{pod.ip}/32", "dev", pod.host_link, "scope", "link")
+    # (A node namespace has IPv6 off by default for its new links: see the lab's node setup.)
+    set_sysctls(pod.ns, IPV6_OFF)
+    ip("link", "add", pod.host_link, "type", "veth", "peer", "name", "eth0", "netns", pod.ns,
+       ns=pod.node_ns)
+    if pod.node_ns is None:
+        set_sysctl(Path("/proc/sys/net/ipv6/conf", pod.host_link, "disable_ipv6"), "1")
+    ip_batch([f"addr add {pod.ip}/32 dev eth0",
+              "link set lo up",
+              "link set eth0 up",
+              f"route add {pod.gateway} dev eth0 scope link",
+              f"route add default via {pod.gateway} dev eth0"], ns=pod.ns)
+    ip_batch([f"addr add {pod.gateway}/32 dev {pod.host_link}",
+              f"link set {pod.host_link} up",
+              f"route add {pod.ip}/32 dev {pod.host_link} scope link"], ns=pod.node_ns)
 
 
 def del_pod(pod: Pod) -> None:
@@ -209,7 +317,7 @@ def del_pod(pod: Pod) -> None:
     Idempotent; works on a pod that add_pod left half made."""
     for pid in netns_pids(pod.ns):
         stop_process(pid)
-    del_link(pod.host_link)
+    del_link(pod.host_link, pod.node_ns)
     del_netns(pod.ns)
 
 
