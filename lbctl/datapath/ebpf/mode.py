@@ -67,10 +67,11 @@ class ProxySettings:
         detector = common.local_detector(self.cluster_cidr, 4)
         return str(detector.cidr) if detector.cidr is not None else None
 
-    def config_value(self) -> bytes:
-        """lb4_config[0] for these settings."""
+    def config_value(self, drop_rule: bool = False) -> bytes:
+        """lb4_config[0] for these settings; `drop_rule`: the constant drop rule is in place, so
+        the datapath leaves drops to it as marks (KUBE-MARK-DROP) instead of dropping itself."""
         return shared.config_value(self.ipv4_cluster_cidr, self.masquerade_all,
-                                   self.masquerade_mark, self.drop_mark)
+                                   self.masquerade_mark, self.drop_mark, drop_rule)
 
     def node_addresses(self, node_name: str, host: Sequence[str]) -> NodeAddresses:
         """The NodePort addresses among the node's (``host``: its local IPv4 addresses; the
@@ -138,6 +139,7 @@ class EbpfMode:
         self._node_changed = False
         self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
         self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
+        self._drop_rule = False                     # the constant drop rule is installed
         self.sock: sock.SockLb | None = None        # sock-lb: socket programs (--cgroup-root)
 
     def start(self) -> None:
@@ -154,6 +156,8 @@ class EbpfMode:
         except DatapathError:
             self.datapath.close()
             raise
+        self._drop_rule = True        # the rule is in: drops leave as marks from now on
+        self._write_config()
         self._node = self._node_addresses()
         log.info("eBPF datapath loaded; %d services and %d backends restored from %s; marks "
                  "masquerade %#x, drop %#x (nft table ip %s); NodePorts on %s",
@@ -166,7 +170,7 @@ class EbpfMode:
         maps = self.datapath.maps if self.datapath is not None else {}
         if CONFIG not in maps:
             return False
-        want = self.settings.config_value()
+        want = self.settings.config_value(self._drop_rule)
         if maps[CONFIG].lookup(shared.u32(0)) == want:
             return False
         maps[CONFIG].update(shared.u32(0), want)
@@ -243,9 +247,9 @@ class EbpfMode:
                         ", ".join(repinned), self.cfg.pin_dir)
         if not os.path.exists(dump.state_file(self.cfg.pin_dir)):
             self._names = None          # removed (`lbctl cleanup --force`): written again
+        self._repair_rules()
         if self._write_config():
             log.warning("the datapath's settings (%s) differed from the flags: written again", CONFIG)
-        self._repair_rules()
         self._refresh_desired(reconciler, None)
         result = reconciler.resync(self.desired)
         if self.sock:   # sock-lb: links removed behind our back are made again
@@ -275,7 +279,9 @@ class EbpfMode:
             if self.rules.ensure():
                 log.warning("the masquerade and drop rules (nft table ip %s) were missing or changed: "
                             "installed again", self.rules.rules.table)
+            self._drop_rule = True
         except DatapathError as exc:
+            self._drop_rule = False   # until the rule is back, the datapath drops by itself
             log.error("%s; trying again at the next resync", exc)
 
     @property
