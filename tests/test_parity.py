@@ -472,6 +472,7 @@ def test_internal_traffic_policy_local(cluster, manifests):
     assert report["answers"] == {} and report["errors"]["timeout"] == 4, report
 
 
+@modes()
 def test_external_ip(cluster, manifests):
     """externalIPs: the service answers there too, masqueraded (externalTrafficPolicy Cluster)."""
     edit_service(manifests, "web", lambda spec: spec.update(externalIPs=[EXTERNAL_IP]))
@@ -482,6 +483,7 @@ def test_external_ip(cluster, manifests):
     assert set(report["peers"]) == {GATEWAY}
 
 
+@modes()
 def test_node_port_from_a_pod(cluster, manifests):
     """NodePort: node IP:nodePort reaches every endpoint, masqueraded (eTP Cluster)."""
     address = node_ip()
@@ -497,6 +499,7 @@ def test_node_port_from_a_pod(cluster, manifests):
     assert set(report["peers"]) == {GATEWAY}
 
 
+@modes()
 def test_node_port_local_policy_short_circuits_pod_traffic(cluster, manifests):
     """externalTrafficPolicy Local limits external clients to this node's endpoints, but a pod
     (a source in the cluster CIDR) reaching a NodePort is treated as in-cluster traffic: every
