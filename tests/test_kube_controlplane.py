@@ -193,8 +193,9 @@ def test_lab_up_kubernetes_registers_the_lab_and_lab_down_stops_it(tmp_path):
                    for name, ep in slice_endpoints(cp, svc.namespace, svc.name).items()}
             assert got == want
         nodes = json.loads(cp.kubectl("get", "nodes", "-o", "json").stdout)["items"]
+        # a node's InternalIP is its address on the lab network (kind's docker network), not a pod gateway
         assert [(n["metadata"]["name"], n["status"]["addresses"][0]["address"]) for n in nodes] == [
-            (lab.NODE_NAME, spec.gateway)]
+            (lab.NODE_NAME, state.nodes[lab.NODE_NAME].ip)]
 
         cp.kubectl("apply", "-f", "-", input=HAND_MADE)
         web = {pod: state.pods[pod].ip for pod in ("web-0", "web-1", "web-2")}
