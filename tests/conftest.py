@@ -28,6 +28,11 @@ def agent_run_dir(tmp_path_factory):
     else:
         os.environ["LBCTL_RUN_DIR"] = saved
     assert not sorted(p.name for p in path.glob("*.lock")), "a test left an agent lock behind"
+    if os.geteuid() == 0:
+        import subprocess
+        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+        mine = [t for t in tables.split() if t.startswith(f"lbctl-{os.path.basename(TEST_PIN_DIR)}")]
+        assert not mine, f"a test left the eBPF mode's mark table(s) behind: {mine}"
 
 
 def config_for_tests(**overrides) -> ebpf.DatapathConfig:

@@ -17,7 +17,6 @@ from nsutil import forget_conntrack, strict_node, wait_for
 
 from lbctl.agent.loop import Agent, AgentOptions
 from lbctl.datapath.ebpf import dump
-from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.mode import EbpfMode
 from lbctl.datapath.kubeproxy import iptables_mode
 from lbctl.datapath.kubeproxy.proxier import ProxierOptions

@@ -21,8 +21,7 @@ from nsutil import socket_in, strict_node, wait_for
 from scipy.stats import chisquare
 
 from lbctl.agent.loop import Agent, AgentOptions
-from lbctl.datapath.ebpf import dump
-from lbctl.datapath.ebpf import loader as ebpf
+from lbctl.datapath.ebpf.mode import EbpfMode
 from lbctl.lab import cluster as lab
 from lbctl.lab.client import request_spread
 from lbctl.model.desired import service_ports
@@ -83,9 +82,7 @@ class RunningAgent:
 
     def teardown(self) -> None:
         self.stop()
-        ebpf.detach_all(self.cfg.tc_name)
-        ebpf.remove_pins(self.cfg.pin_dir)
-        dump.remove_names(self.cfg.pin_dir)
+        EbpfMode.cleanup(self.cfg)   # filters, pins, names, mark table
 
 
 @pytest.fixture(scope="module")
@@ -294,9 +291,7 @@ def test_teardown_leaves_nothing_behind(tmp_path):
             assert request_spread(client_ns(state), "tcp", "10.96.0.10:80", 20)["answers"]
             agent.stop()
         assert os.path.exists(pin_dir)
-        ebpf.detach_all(agent.cfg.tc_name)
-        ebpf.remove_pins(pin_dir)
-        dump.remove_names(pin_dir)
+        EbpfMode.cleanup(agent.cfg)   # filters, pins, names, mark table
     finally:
         lab.lab_down(prefix)
     assert not [n for n in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
@@ -309,6 +304,8 @@ def test_teardown_leaves_nothing_behind(tmp_path):
     assert not os.path.exists(pin_dir)
     rules = subprocess.run(["iptables-save"], capture_output=True, text=True, check=True).stdout
     assert f"lbctl-test-invalid-drop:{prefix}" not in rules
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True, check=True).stdout
+    assert f"lbctl-{os.path.basename(pin_dir)}" not in tables.split()
 
 
 def test_hairpin_a_pod_reaches_itself_through_its_service(cluster):

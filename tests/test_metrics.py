@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from lbctl.agent import metrics as agent_metrics
 from lbctl.agent.health import ProxyHealth
 from lbctl.agent.metrics import Metrics
+from lbctl.datapath.ebpf.mode import EbpfMode
 
 
 def scrape_text(text: str) -> dict[str, dict]:
@@ -126,8 +127,6 @@ def lab_agent(tmp_path_factory):
 
     from lbctl.agent.loop import Agent, AgentOptions
     from lbctl.agent.status import Operations
-    from lbctl.datapath.ebpf import dump
-    from lbctl.datapath.ebpf import loader as ebpf
     from lbctl.lab import cluster as lab
     from lbctl.sources.manifests import ManifestSource
 
@@ -153,9 +152,7 @@ def lab_agent(tmp_path_factory):
             listener.stop()
         stop.set()
         thread.join(30)
-        ebpf.detach_all(cfg.tc_name)
-        ebpf.remove_pins(cfg.pin_dir)
-        dump.remove_names(cfg.pin_dir)
+        EbpfMode.cleanup(cfg)   # filters, pins, names, mark table
         lab.lab_down(state.prefix)
 
 
