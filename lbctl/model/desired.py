@@ -133,42 +133,216 @@ def desired_state(ports: Iterable[ServicePortInfo], node_name: str | None = None
     SCTP and IPv6 are not handled by the datapath yet: one Problem per service port. When two
     service ports claim the same frontend (of any kind), the one that holds it now
     (``holders``: frontend -> "ns/name:port" as programmed) keeps it, so a new Service never
-    takes a live address from another; between newcomers the first by service key wins, so the
-    outcome does not depend on input order.
+    takes a live address from another; between newcomers the first by service key (then port,
+    then kind) wins, so the outcome does not depend on input order. Problems come in service
+    key and port order.
 
-    Each service port's entries depend on that port (and the node) alone, save for who wins a
-    shared frontend: a caller may compute services one at a time and merge them.
+    This is ``DesiredCache`` without a past: the full pass. The frontends are sorted.
     """
-    entries: dict[Frontend, ServiceEntry] = {}
-    problems: list[Problem] = []
-    held = holders or {}
-    node = node or NodeAddresses()
-    for info in sorted(ports, key=lambda i: _claim_order(i, held, node)):
-        service, port = info.service, info.port
-        if service.type == "ExternalName" or not service.cluster_ips:
-            continue
-        obj = f"Service {service.key}"
-        if port.protocol is Protocol.SCTP:
-            problems.append(Problem(obj, f"port {_describe(port)}: SCTP is not supported by the "
-                                         f"eBPF datapath yet; skipped"))
-            continue
-        ipv6 = [ip for ip in (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
-                if _ipv4(ip) is None]
-        if ipv6:
-            problems.append(Problem(obj, f"port {_describe(port)} on {', '.join(ipv6)}: IPv6 is not "
-                                         f"supported by the eBPF datapath yet; skipped"))
-        if not any(_ipv4(ip) for ip in service.cluster_ips):
-            continue
-        for new in _entries(info, node_name, node, maglev_table_size):
-            owner = entries.get(new.frontend)
-            if owner is not None:
-                why = " (it is programmed)" if held.get(new.frontend) == owner.name else ""
-                problems.append(Problem(obj, f"port {_describe(port)}: {_kind_name(new.kind)} "
-                                             f"{new.frontend} already belongs to {owner.name}{why}; "
-                                             f"skipped, {owner.name} keeps it"))
+    state, problems, _ = DesiredCache().update(ports, node_name, node, maglev_table_size, holders)
+    return DesiredState(services=dict(sorted(state.services.items()))), problems
+
+
+@dataclass(frozen=True)
+class _PortResult:
+    """What one service port asks for, computed once per ``ServicePortInfo`` object."""
+
+    info: ServicePortInfo                  # kept: the cache knows it by id()
+    order: tuple                           # _info_order: who wins a shared frontend, problem order
+    entries: tuple[ServiceEntry, ...]      # every frontend it claims, ClusterIP first
+    problems: tuple[Problem, ...]          # SCTP, IPv6
+
+
+class DesiredCache:
+    """``desired_state`` kept up to date change by change: a sync costs what changed.
+
+    Each service port's entries depend on that port, the node's name and addresses and the
+    default Maglev table size alone, save for who wins a frontend two ports claim. So the cache
+    keeps, per ``ServicePortInfo`` object (a source keeps unchanged objects as the same Python
+    objects, and ``PortsCache`` then the same infos), the entries it asked for, and per frontend
+    who claims it. ``update`` computes the ports that are new since the last call, forgets the
+    ones that are gone, and decides again only the frontends they claim (or claimed): the
+    holder keeps a shared frontend, else the first claimant in service key order. Anything
+    else (the node's name or addresses, the Maglev default) changed: everything is computed
+    again, as by ``desired_state``, which is this cache used once.
+
+    ``update`` returns the desired state, the problems, and the frontends whose entry differs
+    from the last result (added, removed or changed), or None when everything was computed
+    afresh: the reconciler visits only those. The result equals ``desired_state`` of the same
+    ports with the last result as holders, which tests/test_incremental.py checks on random
+    change sequences. An exception leaves the cache empty: the next update is a full pass.
+    """
+
+    def __init__(self) -> None:
+        self._params: tuple | None = None
+        self._ports: dict[int, _PortResult] = {}
+        # frontend -> the claims on it: (id of the info, index of the entry in its entries)
+        self._claims: dict[Frontend, dict[tuple[int, int], None]] = {}
+        self._winners: dict[Frontend, ServiceEntry] = {}
+        self._conflicts: dict[Frontend, list[tuple[tuple, Problem]]] = {}
+        self._own: dict[int, list[tuple[tuple, Problem]]] = {}
+        self._contested: set[Frontend] = set()     # claimed twice: decided again each update
+        self._problems: tuple[Problem, ...] = ()
+        self.full_passes = 0                       # how many updates computed everything
+
+    @property
+    def empty(self) -> bool:
+        return self._params is None
+
+    def clear(self) -> None:
+        """Forgets everything: the next update is a full pass."""
+        passes = self.full_passes
+        self.__init__()   # type: ignore[misc]
+        self.full_passes = passes
+
+    def update(self, ports: Iterable[ServicePortInfo], node_name: str | None = None,
+               node: NodeAddresses | None = None,
+               maglev_table_size: int = MAGLEV_DEFAULT_TABLE_SIZE,
+               holders: Mapping[Frontend, str] | None = None,
+               ) -> tuple[DesiredState, tuple[Problem, ...], frozenset[Frontend] | None]:
+        """The desired state of ``ports`` (see ``desired_state``). ``holders``: who holds each
+        frontend now; None: the last result's (after a restart the caller knows from the maps)."""
+        node = node or NodeAddresses()
+        params = (node_name, node, maglev_table_size)
+        try:
+            return self._update(tuple(ports), params, holders)
+        except BaseException:
+            self.clear()
+            raise
+
+    def _update(self, ports: tuple[ServicePortInfo, ...], params: tuple,
+                holders: Mapping[Frontend, str] | None):
+        full = params != self._params
+        if full:
+            if holders is None:   # the node changed: what was desired holds its frontends
+                holders = {fe: e.name for fe, e in self._winners.items()}
+            self.clear()
+            self._params = params
+            self.full_passes += 1
+        elif holders is None:
+            holders = _Names(self._winners)
+        node_name, node, maglev_size = params
+        by_id = dict(zip(map(id, ports), ports))
+        gone = self._ports.keys() - by_id.keys()
+        new = [by_id[i] for i in by_id.keys() - self._ports.keys()]
+        touched: set[Frontend] = set()
+        problems_changed = False
+        for pid in gone:
+            old = self._ports.pop(pid)
+            for index, e in enumerate(old.entries):
+                claims = self._claims[e.frontend]
+                del claims[(pid, index)]
+                if not claims:
+                    del self._claims[e.frontend]
+                touched.add(e.frontend)
+            if self._own.pop(pid, None) is not None:
+                problems_changed = True
+        for info in new:
+            pid = id(info)
+            result = _port_result(info, node_name, node, maglev_size)
+            self._ports[pid] = result
+            for index, e in enumerate(result.entries):
+                self._claims.setdefault(e.frontend, {})[(pid, index)] = None
+                touched.add(e.frontend)
+            if result.problems:
+                self._own[pid] = [((*result.order, -1), p) for p in result.problems]
+                problems_changed = True
+        changed: set[Frontend] = set()
+        # Frontends two ports claim are decided again every time (they are few: each one is a
+        # problem), so that who holds them is always today's word, as in a full pass.
+        for fe in touched | self._contested:
+            before = self._winners.get(fe)
+            held = holders.get(fe)
+            after = self._decide(fe, held)
+            if after is None:
+                self._winners.pop(fe, None)
+            else:
+                self._winners[fe] = after
+            if self._conflicts.pop(fe, None) is not None:
+                problems_changed = True
+            if self._lost(fe, after, held):
+                problems_changed = True
+                self._contested.add(fe)
+            else:
+                self._contested.discard(fe)
+            if before is not after and before != after:
+                changed.add(fe)
+        if problems_changed or full:
+            listed = [x for own in self._own.values() for x in own]
+            listed += [x for lost in self._conflicts.values() for x in lost]
+            self._problems = tuple(p for _, p in sorted(listed, key=lambda x: x[0]))
+        state = DesiredState(services=dict(self._winners))
+        return state, self._problems, None if full else frozenset(changed)
+
+    def _decide(self, fe: Frontend, held: str | None) -> ServiceEntry | None:
+        """The entry that gets `fe`: its holder's claim, else the first claim by service key,
+        port and position; None if nobody claims it."""
+        claims = self._claims.get(fe)
+        if not claims:
+            return None
+        if len(claims) == 1:
+            pid, index = next(iter(claims))
+            return self._ports[pid].entries[index]
+        best = min(claims, key=lambda c: (self._ports[c[0]].entries[c[1]].name != held,
+                                          self._ports[c[0]].order, c[1]))
+        return self._ports[best[0]].entries[best[1]]
+
+    def _lost(self, fe: Frontend, owner: ServiceEntry | None, held: str | None) -> bool:
+        """The problems of the claims on `fe` that did not get it; True if there are any."""
+        claims = self._claims.get(fe)
+        if owner is None or not claims or len(claims) == 1:
+            return False
+        why = " (it is programmed)" if held == owner.name else ""
+        lost = []
+        for pid, index in claims:
+            result = self._ports[pid]
+            e = result.entries[index]
+            if e is owner:
                 continue
-            entries[new.frontend] = new
-    return DesiredState(services=dict(sorted(entries.items()))), tuple(problems)
+            lost.append(((*result.order, index), Problem(
+                f"Service {result.info.service.key}",
+                f"port {_describe(result.info.port)}: {_kind_name(e.kind)} {fe} already belongs to "
+                f"{owner.name}{why}; skipped, {owner.name} keeps it")))
+        self._conflicts[fe] = lost
+        return True
+
+
+class _Names(Mapping[Frontend, str]):
+    """frontend -> service port name, a view of desired entries (no copy: read a few times)."""
+
+    def __init__(self, entries: Mapping[Frontend, ServiceEntry]) -> None:
+        self._entries = entries
+
+    def __getitem__(self, fe: Frontend) -> str:
+        return self._entries[fe].name
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _port_result(info: ServicePortInfo, node_name: str | None, node: NodeAddresses,
+                 maglev_table_size: int) -> _PortResult:
+    """One service port's entries and problems, before any other port is looked at."""
+    service, port = info.service, info.port
+    order = _info_order(info)
+    if service.type == "ExternalName" or not service.cluster_ips:
+        return _PortResult(info, order, (), ())
+    obj = f"Service {service.key}"
+    if port.protocol is Protocol.SCTP:
+        return _PortResult(info, order, (), (Problem(obj, f"port {_describe(port)}: SCTP is not supported "
+                                                          f"by the eBPF datapath yet; skipped"),))
+    problems = []
+    ipv6 = [ip for ip in (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips)
+            if _ipv4(ip) is None]
+    if ipv6:
+        problems.append(Problem(obj, f"port {_describe(port)} on {', '.join(ipv6)}: IPv6 is not "
+                                     f"supported by the eBPF datapath yet; skipped"))
+    if not any(_ipv4(ip) for ip in service.cluster_ips):
+        return _PortResult(info, order, (), tuple(problems))
+    return _PortResult(info, order, tuple(_entries(info, node_name, node, maglev_table_size)), tuple(problems))
 
 
 def _entries(info: ServicePortInfo, node_name: str | None, node: NodeAddresses,
@@ -244,26 +418,6 @@ def _policy(info: ServicePortInfo, node_name: str | None) -> _Policy:
     return _Policy(cluster=cluster, local=_usable(info, local), has_endpoints=bool(cluster),
                    internal_local=service.internal_traffic_policy == "Local",
                    external_local=externally_accessible and service.external_traffic_policy == "Local")
-
-
-def _claim_order(info: ServicePortInfo, holders: Mapping[Frontend, str], node: NodeAddresses) -> tuple:
-    """Service ports that hold one of their frontends now come first, then the usual order."""
-    if holders:
-        name = info.name
-        for frontend in _claims(info, node):
-            if holders.get(frontend) == name:
-                return (0, *_info_order(info))
-    return (1, *_info_order(info))
-
-
-def _claims(info: ServicePortInfo, node: NodeAddresses) -> Iterable[Frontend]:
-    """The frontends a service port asks for (before conflicts), every kind."""
-    service, port = info.service, info.port
-    for ip in (*service.cluster_ips, *service.external_ips, *service.load_balancer_ips):
-        yield Frontend(_ipv4(ip) or ip, port.port, port.protocol)
-    if port.node_port:
-        for ip in node.nodeport_ips:
-            yield Frontend(ip, port.node_port, port.protocol)
 
 
 def _kind_name(kind: FrontendKind) -> str:

@@ -242,9 +242,11 @@ class Tables:
                 self.map.update(key, table_value(backends, ids, size))
                 self.have[key] = want
 
-    def prune(self, programmed: Iterable) -> None:
+    def prune(self, programmed: Iterable, service_ids: Iterable[int] | None = None) -> None:
         """Removes the tables no Maglev frontend names (once the frontends are written):
-        removed services, services no longer annotated, scopes gone or without endpoints."""
+        removed services, services no longer annotated, scopes gone or without endpoints.
+        ``service_ids``: only the tables of these ids are looked at (an incremental sync;
+        ``programmed`` then needs to hold the services of those ids only)."""
         keep = set()
         for p in programmed:
             if p.flags & F_MAGLEV:
@@ -252,7 +254,9 @@ class Tables:
                     keep.add(table_key(p.service_id, EXTERNAL))
                 if p.internal_ids:
                     keep.add(table_key(p.service_id, INTERNAL))
-        for key in [k for k in self.have if k not in keep]:
+        looked_at = self.have if service_ids is None else [
+            k for i in service_ids for k in (table_key(i, EXTERNAL), table_key(i, INTERNAL)) if k in self.have]
+        for key in [k for k in looked_at if k not in keep]:
             if self.map is not None:
                 self.map.delete(key)
             del self.have[key]

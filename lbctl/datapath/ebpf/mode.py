@@ -26,8 +26,8 @@ from lbctl.datapath.ebpf import dump, rules, shared, sock
 from lbctl.datapath.ebpf import loader as ebpf
 from lbctl.datapath.ebpf.reconcile import Reconciler
 from lbctl.datapath.kubeproxy import common
-from lbctl.model.desired import NodeAddresses, desired_state
-from lbctl.model.objects import DesiredState, ServicePortInfo
+from lbctl.model.desired import DesiredCache, NodeAddresses
+from lbctl.model.objects import DesiredState, Frontend, ServicePortInfo
 
 log = logging.getLogger("lbctl.mode")
 
@@ -135,9 +135,11 @@ class EbpfMode:
         self._runner = runner
         self._addresses = addresses
         self._ports: Sequence[ServicePortInfo] = ()
+        self._cache = DesiredCache()                # entries of unchanged service ports, reused
+        self._changed: frozenset[Frontend] | None = None   # since the last sync; None: all
         self._node = NodeAddresses()
         self._node_changed = False
-        self._names: dict[int, str] | None = None   # last written for `lbctl dump maps`
+        self._names: tuple | None = None   # (reconciler, names_version) written for `lbctl dump maps`
         self._notes: dict[int, list[str]] = {}      # attach notes (a foreign filter), logged once
         self._drop_rule = False                     # the constant drop rule is installed
         self.sock: sock.SockLb | None = None        # sock-lb: socket programs (--cgroup-root)
@@ -197,7 +199,8 @@ class EbpfMode:
         node's addresses changed)."""
         _, reconciler = self._loaded()
         self._refresh_desired(reconciler, ports)
-        result = reconciler.sync(self.desired)
+        result = reconciler.sync(self.desired, self._changed)
+        self._changed = frozenset()
         if self.sock:   # sock-lb: UDP sockets connected to removed backends are destroyed
             self.sock.after_sync(self._loaded()[0].maps, result)
         if not reconciler.dirty:
@@ -225,9 +228,11 @@ class EbpfMode:
         self._node, self._node_changed = node, False
         if ports is not None:
             self._ports = ports
-        self.desired, self.problems = desired_state(self._ports, self.cfg.node_name,
-                                                    self._holders(reconciler), node=self._node,
-                                                    maglev_table_size=self.cfg.maglev_table_size)
+        holders = self._holders(reconciler) if self._cache.empty else None
+        self._changed = None   # until the cache says what changed (it may raise)
+        self.desired, self.problems, changed = self._cache.update(
+            self._ports, self.cfg.node_name, self._node, self.cfg.maglev_table_size, holders)
+        self._changed = changed
 
     def _holders(self, reconciler: Reconciler) -> dict:
         """Which service port holds each frontend now, so that a second Service claiming a live VIP
@@ -252,6 +257,7 @@ class EbpfMode:
             log.warning("the datapath's settings (%s) differed from the flags: written again", CONFIG)
         self._refresh_desired(reconciler, None)
         result = reconciler.resync(self.desired)
+        self._changed = frozenset()
         if self.sock:   # sock-lb: links removed behind our back are made again
             self.sock.verify()
         if not reconciler.dirty:
@@ -260,15 +266,14 @@ class EbpfMode:
 
     def _write_names(self, reconciler: Reconciler) -> None:
         """The service names `lbctl dump maps` shows, written when they change."""
-        names = reconciler.service_names(self.desired)
-        if names != self._names:
+        if (reconciler, reconciler.names_version) != self._names:
             try:
-                dump.write_names(self.cfg.pin_dir, names)
+                dump.write_names(self.cfg.pin_dir, reconciler.names)
             except OSError as exc:   # /run full or read-only: only `dump maps` loses its names
                 log.warning("could not write the service names for `lbctl dump maps` to %s: %s; "
                             "trying again at the next sync", dump.state_file(self.cfg.pin_dir), exc)
                 return
-            self._names = names
+            self._names = (reconciler, reconciler.names_version)
 
     def _repair_rules(self) -> None:
         """The mark rules, put back if someone removed or changed them (`nft flush ruleset`).

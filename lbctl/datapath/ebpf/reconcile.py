@@ -35,7 +35,8 @@ Maps are anything with ``lookup/update/delete/items/update_batch/delete_batch`` 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from lbctl.datapath.base import SyncResult
@@ -136,6 +137,10 @@ class Reconciler:
         self.maps = maps
         self.max_services = max_services
         self.max_backends = max_backends
+        # service id -> "ns/name:port" of what is programmed (`lbctl dump maps`), kept by each
+        # sync; names_version moves whenever it changes
+        self.names: dict[int, str] = {}
+        self.names_version = 0
         self.restore()
 
     # --- state recovered from the maps ----------------------------------------------------------
@@ -146,6 +151,7 @@ class Reconciler:
         Entries lbctl cannot have written (a protocol it does not program) are remembered as
         junk, deleted by the next sync once nothing reachable names them."""
         self.backend_ids: dict[Backend, int] = {}
+        self.backend_of: dict[int, Backend] = {}     # the reverse of backend_ids
         self.backend_flags: dict[int, int] = {}
         self.service_ids = IdAllocator(self.max_services, "service")
         self.backend_alloc = IdAllocator(self.max_backends, "backend")
@@ -161,6 +167,7 @@ class Reconciler:
                 continue
             backend = Backend(decode.address(address), decode.port(port), decode.PROTOCOLS[proto])
             self.backend_ids[backend] = backend_id
+            self.backend_of[backend_id] = backend
             self.backend_flags[backend_id] = flags
         frontends, slots, junk = decode.services(self.maps[SERVICES].items(), F_AFFINITY)
         self._junk_keys.extend(junk)
@@ -206,18 +213,34 @@ class Reconciler:
             self._forget_affinity(lambda service_id: service_id not in in_use)
         self.maglev = maglev.Tables(self.maps.get(maglev.MAGLEV))
         self.dirty = False
+        self._indexed = False     # the next sync is a full pass, which builds the indexes below
+        self._slot_refs: Counter[int] = Counter()         # backend id -> slots naming it
+        self._draining_of: dict[Frontend, tuple[Backend, ...]] = {}   # desired, per frontend
+        self._drain_refs: Counter[Backend] = Counter()    # backend -> frontends draining it
+        self._retry: set[Frontend] = set()                # desired but not programmed (errors)
+        self.visited: int | None = None                   # frontends the last sync looked at
+        # service id -> "ns/name:port" of what is programmed (`lbctl dump maps`), kept by each
+        # sync; names_version moves whenever it changes
 
     # --- the sync ----------------------------------------------------------------------------------
 
-    def sync(self, desired: DesiredState) -> SyncResult:
+    def sync(self, desired: DesiredState, changed: Collection[Frontend] | None = None) -> SyncResult:
         """Makes the maps hold `desired`. Any failure leaves the maps valid (never a
-        half-made service) and makes the next sync start from a fresh read of the maps."""
+        half-made service) and makes the next sync start from a fresh read of the maps.
+
+        ``changed``: the frontends whose desired entry differs from the `desired` of the last
+        sync (``DesiredCache.update`` says which); only those are compared and written, with
+        the ones a previous sync could not program. None: every frontend is compared (a full
+        pass, also the first after a restore, a resync or a failure, whatever ``changed``)."""
         result = SyncResult()
         try:
             if self.dirty:
                 log.warning("previous sync failed: re-reading the maps for a full resync")
                 self.restore()
-            self._sync(desired, result)
+            if changed is not None and self._indexed:
+                self._sync(desired, result, set(changed) | self._retry)
+            else:
+                self._sync(desired, result)
         except Exception as exc:
             self._failed(result, exc)
         return result
@@ -242,8 +265,22 @@ class Reconciler:
             result.errors.append(f"{type(exc).__name__}: {exc}")
             log.exception("sync failed (%s), will resync from the maps", type(exc).__name__)
 
-    def _sync(self, desired: DesiredState, result: SyncResult) -> None:
+    def _sync(self, desired: DesiredState, result: SyncResult, visit: set[Frontend] | None = None) -> None:
+        """The writes, in their order. ``visit``: the only frontends that may differ (an
+        incremental sync); None: all of them."""
         services, backends = self.maps[SERVICES], self.maps[BACKENDS]
+        wanted_services = desired.services
+        removed: Collection[Frontend]
+        looked_at: Collection[Frontend]
+        if visit is None:
+            removed = self.services.keys() - wanted_services.keys()
+            looked_at = wanted_services.keys()
+        else:
+            removed = {fe for fe in visit if fe in self.services and fe not in wanted_services}
+            looked_at = {fe for fe in visit if fe in wanted_services}
+        self.visited = len(looked_at) + len(removed)
+        # backend ids whose slot or draining references may change: step 4 looks at them only
+        touched_ids: set[int] = set()
 
         # 0. slots no frontend counts (an interrupted sync), entries of protocols lbctl does not
         #    program (not lbctl's): unreachable, so safe to drop first
@@ -260,7 +297,7 @@ class Reconciler:
         # 1. services no longer wanted, first, so that what they free (map room, ids) serves
         #    the additions below: frontend first (no new packet selects it), then its slots
         released = []
-        for fe in sorted(self.services.keys() - desired.services.keys(), key=_order):
+        for fe in sorted(removed, key=_order):
             gone = self.services[fe]
             services.delete(_frontend_key(fe, 0))
             for slot in range(1, len(gone.backend_ids) + 1):
@@ -270,6 +307,7 @@ class Reconciler:
                 self.maps[SOURCE_RANGES].delete_batch(
                     [shared.source_range_key(gone.service_id, c) for c in sorted(gone.source_ranges)])
             del self.services[fe]
+            self._count_slots(gone, -1, touched_ids)
             self.service_ids.release(gone.service_id)
             released.append(gone.service_id)
             result.removed += 1
@@ -279,7 +317,9 @@ class Reconciler:
         # 2. backends the desired services need; a service whose backends cannot all get an id
         #    (the backend map is full) is left as it is, and said so
         new_backends = []
-        for backend in sorted(desired.backends - self.backend_ids.keys(), key=_order):
+        needed = desired.backends if visit is None else frozenset(
+            b for fe in looked_at for e in (wanted_services[fe],) for b in (*e.backends, *(e.internal_backends or ())))
+        for backend in sorted((b for b in needed if b not in self.backend_ids), key=_order):
             try:
                 new_backends.append((backend, self.backend_alloc.allocate()))
             except OSError as exc:
@@ -290,7 +330,9 @@ class Reconciler:
                                for b, i in new_backends])
         for backend, backend_id in new_backends:
             self.backend_ids[backend] = backend_id
+            self.backend_of[backend_id] = backend
             self.backend_flags[backend_id] = 0
+            touched_ids.add(backend_id)
         result.backends_added += len(new_backends)
 
         # 3. new and changed services: ranges they gain, internal scopes (slots, then slot 0),
@@ -307,8 +349,9 @@ class Reconciler:
         new_ids: list[int] = []
         programmed: list[ProgrammedService] = []
         maglev_writes: list[tuple[int, ServiceEntry]] = []
-        for fe in sorted(desired.services, key=_order):
-            entry = desired.services[fe]
+        retry: set[Frontend] = set()    # every frontend of the last retry set is visited
+        for fe in sorted(looked_at, key=_order):
+            entry = wanted_services[fe]
             flags = service_flags(entry)
             old = self.services.get(fe)
             wanted = (*entry.backends, *(entry.internal_backends or ()))
@@ -319,6 +362,7 @@ class Reconciler:
                        else f"{largest} endpoints, the datapath takes {MAX_SLOTS}")
                 result.errors.append(f"{entry.name} ({fe}): {why}; "
                                      f"{'left as it was' if old else 'not programmed'}")
+                retry.add(fe)
                 continue
             ids = tuple(self.backend_ids[b] for b in entry.backends)
             internal_ids = (None if entry.internal_backends is None
@@ -334,6 +378,7 @@ class Reconciler:
                     service_id = self.service_ids.allocate()
                 except OSError as exc:
                     result.errors.append(f"{entry.name} ({fe}): {exc}; not programmed")
+                    retry.add(fe)
                     continue
                 new_ids.append(service_id)
                 result.added += 1
@@ -377,32 +422,90 @@ class Reconciler:
         if range_deletes:
             self.maps[SOURCE_RANGES].delete_batch(range_deletes)
         for p in programmed:   # the mirror follows the maps, once they hold it
+            old = self.services.get(p.frontend)
+            if old is not None:
+                self._count_slots(old, -1, touched_ids)
             self.services[p.frontend] = p
-        self.maglev.prune(self.services.values())   # tables no Maglev frontend names any more
+            self._count_slots(p, +1, touched_ids)
+        # tables no Maglev frontend names any more
+        if visit is None:
+            self.maglev.prune(self.services.values())
+        elif self.maglev.have:
+            self.maglev.prune([self.services[fe] for fe in looked_at if fe in self.services],
+                              {*released, *(p.service_id for p in programmed)})
 
         # 4. backends: those in no slot but still draining established flows are flagged (no
         #    new flow, no affinity); the rest no slot names any more are deleted (their flows
         #    choose again)
-        in_slots = {i for s in self.services.values() for i in (*s.backend_ids, *(s.internal_ids or ()))}
-        draining = {self.backend_ids[b] for e in desired.services.values() for b in e.draining
-                    if b in self.backend_ids} - in_slots
-        for backend, backend_id in sorted(self.backend_ids.items(), key=lambda kv: kv[1]):
-            if backend_id not in in_slots and backend_id not in draining:
+        if visit is None:
+            self._draining_of = {fe: e.draining for fe, e in wanted_services.items() if e.draining}
+            self._drain_refs = Counter(b for d in self._draining_of.values() for b in d)
+            self._slot_refs = Counter(i for s in self.services.values()
+                                      for i in (*s.backend_ids, *(s.internal_ids or ())))
+            candidates = sorted(self.backend_ids.items(), key=lambda kv: kv[1])
+        else:
+            drained: set[Backend] = set()
+            for fe in visit:
+                before = self._draining_of.pop(fe, ())
+                now_wanted = wanted_services.get(fe)
+                after = now_wanted.draining if now_wanted is not None else ()
+                if after:
+                    self._draining_of[fe] = after
+                if before != after:
+                    self._drain_refs.subtract(before)
+                    self._drain_refs.update(after)
+                    drained.update(before, after)
+            for backend in drained:
+                if self._drain_refs[backend] <= 0:
+                    del self._drain_refs[backend]
+            touched_ids.update(self.backend_ids[b] for b in drained if b in self.backend_ids)
+            candidates = [(self.backend_of[i], i) for i in sorted(touched_ids) if i in self.backend_of]
+        in_slots, draining = self._slot_refs, self._drain_refs
+        for backend, backend_id in candidates:
+            if not in_slots.get(backend_id) and not draining.get(backend):
                 backends.delete(shared.u32(backend_id))
                 del self.backend_ids[backend]
+                del self.backend_of[backend_id]
                 self.backend_flags.pop(backend_id, None)
                 self.backend_alloc.release(backend_id)
                 result.backends_removed += 1
                 continue
-            flags = F_DRAINING if backend_id in draining else 0
+            flags = F_DRAINING if draining.get(backend) and not in_slots.get(backend_id) else 0
             if self.backend_flags.get(backend_id) != flags:
                 backends.update(shared.u32(backend_id), shared.backend_value(
                     backend.address, backend.port, backend.protocol.number, flags))
                 self.backend_flags[backend_id] = flags
-        for backend_id in [i for i in self._junk_backends if i not in in_slots]:
+        for backend_id in [i for i in self._junk_backends if not in_slots.get(i)]:
             backends.delete(shared.u32(backend_id))
             self._junk_backends.remove(backend_id)
             self.backend_alloc.release(backend_id)
+        self._retry = retry
+        self._indexed = True
+        if visit is None:
+            names = self.service_names(desired)
+            if names != self.names:
+                self.names, self.names_version = names, self.names_version + 1
+        else:
+            renamed = bool(released)
+            for service_id in released:
+                self.names.pop(service_id, None)
+            for fe in looked_at:
+                now = self.services.get(fe)
+                if now is not None and self.names.get(now.service_id) != wanted_services[fe].name:
+                    self.names[now.service_id] = wanted_services[fe].name
+                    renamed = True
+            if renamed:
+                self.names_version += 1
+
+    def _count_slots(self, p: ProgrammedService, delta: int, touched: set[int]) -> None:
+        """The slot references of one programmed frontend, added (+1) or taken away (-1)."""
+        for backend_id in (*p.backend_ids, *(p.internal_ids or ())):
+            count = self._slot_refs[backend_id] + delta
+            if count > 0:
+                self._slot_refs[backend_id] = count
+            else:
+                del self._slot_refs[backend_id]
+            touched.add(backend_id)
 
     @staticmethod
     def _slot_writes(fe: Frontend, ids: tuple[int, ...], old_ids: tuple[int, ...], service_id: int,
