@@ -8,6 +8,7 @@ result, whatever order the objects came in, so a sync can compare desired agains
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -184,6 +185,7 @@ class DesiredCache:
         self._contested: set[Frontend] = set()     # claimed twice: decided again each update
         self._problems: tuple[Problem, ...] = ()
         self.full_passes = 0                       # how many updates computed everything
+        self.computed = 0                          # service ports the last update computed
 
     @property
     def empty(self) -> bool:
@@ -225,6 +227,7 @@ class DesiredCache:
         by_id = dict(zip(map(id, ports), ports))
         gone = self._ports.keys() - by_id.keys()
         new = [by_id[i] for i in by_id.keys() - self._ports.keys()]
+        self.computed = len(new)
         touched: set[Frontend] = set()
         problems_changed = False
         for pid in gone:
@@ -509,8 +512,10 @@ def _describe(port: ServicePort) -> str:
     return f"\"{port.name}\" ({number})" if port.name else number
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def _ipv4(address: str) -> str | None:
-    """The canonical text of an IPv4 address (read as kube-proxy's ParseIPSloppy), or None."""
+    """The canonical text of an IPv4 address (read as kube-proxy's ParseIPSloppy), or None.
+    Memoized: a full pass at 10,000 services reads ~70,000 addresses, most of them again."""
     ip = parse_ip_sloppy(address)
     return str(ip) if ip is not None and ip.version == 4 else None
 

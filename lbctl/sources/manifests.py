@@ -152,7 +152,8 @@ class ManifestSource:
         fingerprint = _fingerprint(entries, problems)
         if self._snapshot is not None and fingerprint == self._fingerprint and not self._racy:
             return None
-        snapshot = _build(entries, problems, self.node_port_range, self._memory, unlisted, self._files)
+        snapshot = _reuse(_build(entries, problems, self.node_port_range, self._memory, unlisted, self._files),
+                          self._snapshot)
         if self.state_path is not None and self._saved != self._memory:
             self._write_state()
         extra = self._state_problems + ([self._write_problem] if self._write_problem else [])
@@ -187,6 +188,21 @@ class ManifestSource:
         self._write_problem = _write_state(self.state_path, self.directory, self._memory)
         if self._write_problem is None:
             self._saved = self._memory.copy()
+
+
+def _reuse(snapshot: ClusterSnapshot, last: ClusterSnapshot | None) -> ClusterSnapshot:
+    """``snapshot`` with each Service, and each service's slices, that equals last snapshot's
+    replaced by last snapshot's very object. A file that changed is parsed again whole, into new
+    objects; the desired-state caches, which know objects by identity, then compute again only
+    the services that really changed, not every service of the file."""
+    if last is None:
+        return snapshot
+    old_services, old_slices = last.services, last.slices
+    services = {key: old if (old := old_services.get(key)) is not None and (old is s or old == s) else s
+                for key, s in snapshot.services.items()}
+    slices = {key: old if (old := old_slices.get(key)) is not None and (old is t or old == t) else t
+              for key, t in snapshot.slices.items()}
+    return dataclasses.replace(snapshot, services=services, slices=slices)
 
 
 # --- the directory ---------------------------------------------------------------------------
