@@ -200,7 +200,7 @@ def _reuse(snapshot: ClusterSnapshot, last: ClusterSnapshot | None) -> ClusterSn
     old_services, old_slices = last.services, last.slices
     services = {key: old if (old := old_services.get(key)) is not None and (old is s or old == s) else s
                 for key, s in snapshot.services.items()}
-    slices = {key: old if (old := old_slices.get(key)) is not None and (old is t or old == t) else t
+    slices = {key: was if (was := old_slices.get(key)) is not None and (was is t or was == t) else t
               for key, t in snapshot.slices.items()}
     return dataclasses.replace(snapshot, services=services, slices=slices)
 
