@@ -139,6 +139,8 @@ class Agent:
         # First the source: a directory that is not there must not start the mode, whose
         # start removes what other modes left and whose first sync would empty the datapath.
         first = self.source.poll()
+        if first is not None and self.observer is not None:
+            self.observer.queued(first.trigger_times)
         wake = self.source.fileno() if hasattr(self.source, "fileno") else None
         watches_links = hasattr(self.mode, "attach_links")
         housekeeping = getattr(self.mode, "housekeeping", None)   # deferred kernel work (nftables)
@@ -226,7 +228,7 @@ class Agent:
             log.info("resolved: %s", self._unavailable)
             self._unavailable = None
         if snapshot is not None and self.observer is not None:   # a change waits for a sync
-            self.observer.queued(getattr(snapshot, "trigger_times", ()))
+            self.observer.queued(snapshot.trigger_times)
         return snapshot
 
 

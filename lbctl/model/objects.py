@@ -127,6 +127,10 @@ class ClusterSnapshot:
     services: Mapping[str, Service] = field(default_factory=dict)              # by "ns/name"
     slices: Mapping[str, tuple[EndpointSlice, ...]] = field(default_factory=dict)  # by service key
     problems: tuple[Problem, ...] = ()
+    # When the changes since the source's previous snapshot were made (wall clock, seconds):
+    # EndpointSlices' endpoints.kubernetes.io/last-change-trigger-time, each once (the
+    # network programming latency, measured from them once they are programmed)
+    trigger_times: tuple[float, ...] = ()
 
 
 # --- What every datapath mode consumes -------------------------------------------------------

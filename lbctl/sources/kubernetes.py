@@ -37,9 +37,12 @@ import json
 import logging
 import os
 import random
+import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 from lbctl.model.objects import ClusterSnapshot, EndpointSlice, Problem, Service
@@ -54,6 +57,9 @@ LIST_PAGE = 500                   # items per list page (client-go's pager defau
 WATCH_TIMEOUT = 300.0             # client-go: minWatchTimeout 5 min, times 1 + rand
 INITIAL_BACKOFF, MAX_BACKOFF = 0.8, 30.0
 READY_TIMEOUT = 30.0              # how long the first poll waits for the first lists
+# set by the EndpointSlice controller: when the change it reflects happened (a pod's or the
+# Service's), RFC 3339; kube-proxy measures network programming latency from it
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 
 class Gone(Exception):
@@ -80,6 +86,7 @@ class _Object:
     slices: tuple[EndpointSlice, ...] = ()
     problems: tuple[Problem, ...] = ()
     raw: dict | None = None                    # kept for the Node only
+    trigger: float | None = None               # an EndpointSlice's last-change-trigger-time
 
 
 def api_client(kubeconfig: str | None = None, master: str | None = None):
@@ -159,6 +166,11 @@ class KubernetesSource:
         self._problems: dict[tuple[str, str], tuple[Problem, ...]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.events = 0                          # watch events applied (changes only)
+        # kube-proxy's trackerStartTime: trigger times before it are not this agent's to measure
+        # (the first list after a restart holds every slice's old one). Whole seconds: a new
+        # Service's trigger time is its creationTimestamp, which has no fraction
+        self.started = float(int(time.time()))
+        self._triggers: list[float] = []         # trigger times of changes since the last snapshot
         self.relists = 0                         # lists after the first (410, restarts)
 
     # --- the Source interface ---
@@ -222,8 +234,10 @@ class KubernetesSource:
     def _snapshot(self) -> ClusterSnapshot:
         problems = tuple(p for key in sorted(self._problems) for p in self._problems[key])
         slices = {key: self._merged_slices(key) for key in self._slices}
+        triggers, self._triggers = tuple(self._triggers), []
         return ClusterSnapshot(services=dict(sorted(self._services.items())),
-                               slices=dict(sorted(slices.items())), problems=problems)
+                               slices=dict(sorted(slices.items())), problems=problems,
+                               trigger_times=triggers)
 
     def _merged_slices(self, service_key: str) -> tuple[EndpointSlice, ...]:
         merged = self._merged.get(service_key)
@@ -243,8 +257,13 @@ class KubernetesSource:
         doc.setdefault("apiVersion", kind.api_version)
         parsed = Parsed()
         parse_document(parsed, doc, "", "object", self.node_port_range)
+        trigger = None
+        if kind.name == "EndpointSlice":
+            annotations = meta.get("annotations")
+            if isinstance(annotations, dict) and isinstance(annotations.get(TRIGGER_TIME_ANNOTATION), str):
+                trigger = parse_rfc3339(annotations[TRIGGER_TIME_ANNOTATION])
         return _Object(rv, tuple(parsed.services), tuple(s for r in parsed.records for s in r.slices),
-                       tuple(parsed.problems))
+                       tuple(parsed.problems), trigger=trigger)
 
     def _put(self, kind: str, key: str, new: _Object | None) -> bool:
         """Stores (or with None deletes) one object; False when nothing changed."""
@@ -263,6 +282,12 @@ class KubernetesSource:
             if new is not None and new.services:
                 self._services[key] = new.services[0]
         elif kind == "EndpointSlice":
+            # a change the controller made since the agent started: measured once programmed
+            # (kube-proxy's endpointsChangeTracker); the same trigger time again is the same
+            # change, counted once
+            if (new is not None and new.trigger is not None and new.trigger >= self.started
+                    and (old is None or old.trigger != new.trigger)):
+                self._triggers.append(new.trigger)
             for eps in old.slices if old else ():
                 by_name = self._slices.get(eps.service_key, {})
                 by_name.pop(eps.key, None)
@@ -437,6 +462,28 @@ def jittered(delay: float, rnd: Callable[[], float] = random.random) -> float:
     """``delay`` plus up to 100 % (client-go's jitter 1.0), so that many agents restarted by
     one API server outage do not come back in step."""
     return delay * (1 + rnd())
+
+
+_RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)", re.IGNORECASE)
+
+
+def parse_rfc3339(text: str) -> float | None:
+    """Seconds since the epoch of an RFC 3339 time ("2026-12-02T14:10:40.123456789Z", Go's
+    RFC3339Nano, any offset); None if it is not one."""
+    match = _RFC3339.fullmatch(text.strip())
+    if match is None:
+        return None
+    whole, fraction, offset = match.groups()
+    if offset.upper() == "Z":
+        zone = UTC
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        zone = timezone(sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[4:6])))
+    try:
+        moment = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=zone)
+    except ValueError:                           # 2026-13-45T...
+        return None
+    return moment.timestamp() + (float(fraction) if fraction else 0.0)
 
 
 def _key(doc: dict) -> str:
