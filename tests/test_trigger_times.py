@@ -61,25 +61,31 @@ def source(cluster):
     src.stop()
 
 
+def news(source, cluster):
+    """The next snapshot, once the source holds everything the fake cluster does."""
+    settle(source, cluster)
+    return next_snapshot(source)
+
+
 def test_each_changed_slice_brings_its_trigger_time_once(cluster, source):
+    source.start()
     cluster.services.put(service("web", "10.96.0.10"))
     cluster.services.put(service("db", "10.96.0.11"))
     # what the first list finds from before the agent started is not the agent's latency
     cluster.slices.put(triggered(endpointslice("db-1", "db", "10.244.0.9"), source.started - 600))
     first = source.started + 0.25
     cluster.slices.put(triggered(endpointslice("web-1", "web", "10.244.0.1"), first))
-    assert next_snapshot(source).trigger_times == (pytest.approx(first, abs=1e-5),)
+    assert news(source, cluster).trigger_times == (pytest.approx(first, abs=1e-5),)
 
     # the same trigger time again (a status-only rewrite of the slice): the same change
     cluster.slices.put(triggered(endpointslice("web-1", "web", "10.244.0.1", "10.244.0.2"), first))
-    snapshot = next_snapshot(source)
+    snapshot = news(source, cluster)
     assert len(snapshot.slices["default/web"][0].endpoints) == 2 and snapshot.trigger_times == ()
 
     second = first + 1.5
     cluster.slices.put(triggered(endpointslice("web-1", "web", "10.244.0.2"), second))
     cluster.slices.put(triggered(endpointslice("db-1", "db", "10.244.0.8"), second + 0.5))
-    settle(source, cluster)
-    assert sorted(next_snapshot(source).trigger_times) == [pytest.approx(second, abs=1e-5),
+    assert sorted(news(source, cluster).trigger_times) == [pytest.approx(second, abs=1e-5),
                                                             pytest.approx(second + 0.5, abs=1e-5)]
 
     # a relist after 410 Gone finds the same slices: no trigger counted twice
@@ -91,16 +97,14 @@ def test_each_changed_slice_brings_its_trigger_time_once(cluster, source):
     while source.relists == 0 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert source.relists == 1
-    settle(source, cluster)
-    snapshot = next_snapshot(source)
+    snapshot = news(source, cluster)
     assert "default/cache" in snapshot.services and snapshot.trigger_times == ()
 
     # a slice deleted, one without the annotation, one with a bad one: no trigger time
     cluster.slices.delete("default", "db-1")
     cluster.slices.put(endpointslice("web-2", "web", "10.244.0.3"))
     cluster.slices.put(triggered(endpointslice("web-3", "web", "10.244.0.4"), "soon"))
-    settle(source, cluster)
-    snapshot = next_snapshot(source)
+    snapshot = news(source, cluster)
     assert snapshot.trigger_times == () and not snapshot.problems
 
 
