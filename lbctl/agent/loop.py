@@ -8,7 +8,10 @@ Changes are tracked as kube-proxy's BoundedFrequencyRunner does it: a change aft
 period is synced at once; changes that come faster than ``min_sync_period`` wait for it and
 coalesce into one sync of the newest snapshot. Each sync is incremental: the service ports of
 services whose objects did not change are reused (``PortsCache``), the eBPF mode's desired state
-is rebuilt only for those that did, and the reconciler writes only the map entries that differ.
+is computed only for the service ports that did (``DesiredCache``), and the reconciler visits
+only the frontends whose desired entry differs, writing only the map entries that do. The
+snapshots' trigger times (the Kubernetes source's EndpointSlice last-change-trigger-times) are
+queued with each snapshot and observed once programmed (kubeproxy_network_programming_duration_seconds).
 A failed sync is retried on the next turn from a fresh read of the kernel, and every
 ``sync_period`` (kube-proxy's syncPeriod) the mode re-reads the kernel and repairs whatever
 changed behind the agent's back.

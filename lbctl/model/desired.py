@@ -4,6 +4,12 @@ Two steps, as in kube-proxy: ``service_ports`` joins every service port with its
 (what every datapath mode consumes), and ``desired_state`` turns those into the frontends and
 backends of the eBPF datapath. Both are deterministic: the same snapshot always gives the same
 result, whatever order the objects came in, so a sync can compare desired against actual.
+
+Both are kept up to date change by change, so that a sync costs what changed: ``PortsCache``
+reuses the service ports of services whose objects are the very objects of last time, and
+``DesiredCache`` the entries of service ports it has seen, and says which frontends differ
+from its last result; the eBPF reconciler then visits only those. ``desired_state`` is the
+cache used once: the full pass the caches must always agree with.
 """
 from __future__ import annotations
 
