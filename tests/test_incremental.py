@@ -420,3 +420,34 @@ def test_a_resync_after_incremental_syncs_finds_nothing_to_repair(tmp_path, monk
     assert dict(mode.desired.services) == dict(state.services)
     dump.remove_names(mode.cfg.pin_dir)
 
+
+
+# --- coalescing ----------------------------------------------------------------------------------
+
+
+def test_changes_faster_than_min_sync_period_coalesce_into_one_sync_of_the_newest():
+    from test_agent import RecordingMode, ScriptedSource
+
+    from lbctl.agent.loop import Agent, AgentOptions
+
+    def snapshot(ip: str) -> ClusterSnapshot:
+        web = Service("default", "web", cluster_ips=(ip,), ports=(ServicePort("http", 80, TCP, 8080),))
+        return ClusterSnapshot(services={web.key: web})
+
+    a, b, c = snapshot("10.96.0.1"), snapshot("10.96.0.2"), snapshot("10.96.0.3")
+    clock = [50.0]
+    mode = RecordingMode()
+    agent = Agent(ScriptedSource(a, b, None, c, None, None), mode=mode, clock=lambda: clock[0],
+                  options=AgentOptions(interval=1.0, min_sync_period=2.0, sync_period=1000.0))
+    agent.turn()                  # a change after a quiet period: synced at once
+    for step in (0.5, 0.5, 0.5):   # b, nothing, c: within 2 s of that sync
+        clock[0] += step
+        agent.turn()
+        assert len(mode.synced) == 1
+    assert agent._wait() == pytest.approx(0.5), "the loop wakes when the held change is due"
+    clock[0] += 0.5
+    agent.turn()
+    assert [p[0].service.cluster_ips for p in mode.synced] == [("10.96.0.1",), ("10.96.0.3",)]
+    clock[0] += 5
+    agent.turn()
+    assert len(mode.synced) == 2, "nothing held any more"
