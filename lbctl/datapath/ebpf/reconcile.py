@@ -226,8 +226,6 @@ class Reconciler:
         self._drain_refs: Counter[Backend] = Counter()    # backend -> frontends draining it
         self._retry: set[Frontend] = set()                # desired but not programmed (errors)
         self.visited: int | None = None                   # frontends the last sync looked at
-        # service id -> "ns/name:port" of what is programmed (`lbctl dump maps`), kept by each
-        # sync; names_version moves whenever it changes
 
     # --- the sync ----------------------------------------------------------------------------------
 
