@@ -29,7 +29,9 @@ COUNTS = (1, 3)
 
 def tiny_spec() -> bench_modes.BenchSpec:
     """Its own prefix, pod CIDR, service CIDR and pin dir: it meets neither `lbctl bench` nor
-    the other suites' labs (10.244.0, 100-179, 200-202, 210; the CLI bench uses 220)."""
+    the other suites' labs (10.244.0, 100-179, 200-202, 210; the CLI bench uses 220; the
+    two-node test below 223-224). A two-node `lbctl bench` (220-221) running at the same time
+    would overlap: lab_up refuses that rather than share the CIDR."""
     return bench_modes.BenchSpec(prefix=PREFIX, pod_cidr="10.244.221.0/24", gateway="10.244.221.1",
                                  service_cidr="10.96.221.0/24", real_vip="10.96.221.10",
                                  pin_dir=TEST_PIN_DIR + "-bench-modes", connections=200, rounds=2,
