@@ -29,7 +29,9 @@ COUNTS = (1, 3)
 
 def tiny_spec() -> bench_modes.BenchSpec:
     """Its own prefix, pod CIDR, service CIDR and pin dir: it meets neither `lbctl bench` nor
-    the other suites' labs (10.244.0, 100-179, 200-202, 210; the CLI bench uses 220)."""
+    the other suites' labs (10.244.0, 100-179, 200-202, 210; the CLI bench uses 220; the
+    two-node test below 223-224). A two-node `lbctl bench` (220-221) running at the same time
+    would overlap: lab_up refuses that rather than share the CIDR."""
     return bench_modes.BenchSpec(prefix=PREFIX, pod_cidr="10.244.221.0/24", gateway="10.244.221.1",
                                  service_cidr="10.96.221.0/24", real_vip="10.96.221.10",
                                  pin_dir=TEST_PIN_DIR + "-bench-modes", connections=200, rounds=2,
@@ -149,4 +151,54 @@ def test_every_mode_every_backend_nothing_left_behind(tmp_path):
     assert plot.stat().st_size > 0
     assert report.left_behind == [] and report.ok
     assert not lab.state_path(PREFIX).exists()
+    assert node_state() == before
+
+
+def two_node_spec() -> bench_modes.BenchSpec:
+    """A prefix, pod CIDRs (10.244.223-224), service CIDR and lab network (172.18.223) of its own."""
+    return dataclasses.replace(tiny_spec(), prefix=PREFIX + "n", pod_cidr="10.244.223.0/24",
+                               gateway="10.244.223.1", service_cidr="10.96.223.0/24",
+                               real_vip="10.96.223.10", pin_dir=TEST_PIN_DIR + "-bench-2n",
+                               connections=150, rounds=1, nodes=2)
+
+
+def test_two_node_placement_and_node_port():
+    spec = two_node_spec()
+    placement = dict(spec.lab_spec(MODES).placement)
+    assert {placement[bench_modes.client_pod(m)] for m in MODES} == {0}
+    assert {placement[p] for p in spec.backend_pods} == {1}
+    assert spec.node_pin_dir(0) != spec.node_pin_dir(1) != spec.pin_dir
+    assert tiny_spec().node_pin_dir(0) == tiny_spec().pin_dir, "one node: the pin dir as before"
+    converted = bench_modes.node_port_of(web())
+    assert converted.service.type == "NodePort" and converted.port.node_port == bench_modes.NODE_PORT
+    assert converted.service.ports == (converted.port,) and converted.endpoints == web().endpoints
+
+
+@pytest.mark.root
+@pytest.mark.netns
+def test_two_nodes_cross_node_and_node_port_from_outside():
+    """--nodes 2: a client pod on node 0 to the ClusterIP of backends on node 1 through every
+    mode, and the outside client to node 0's NodePort (XDP on node 0's eth0 in ebpf mode)."""
+    spec = two_node_spec()
+    before = node_state()
+    lines: list[str] = []
+    report = bench_modes.run_bench_modes(MODES, (2,), spec, progress=lines.append)
+    log = "\n".join(lines)
+    cases = [(r.mode, r.case) for r in report.results]
+    assert cases == [(m, "ClusterIP") for m in MODES[:1]] + [
+        (m, case) for m in MODES[1:] for case in ("ClusterIP", "NodePort")], log
+    for r in report.results:
+        where = f"{r.mode} {r.case}"
+        assert r.failure is None, f"{where}: {r.failure}\n{log}"
+        assert set(r.answers) == {"web-0", "web-1", "web-2"} and all(r.answers.values()), where
+        assert r.connections > 0 and 0 < r.p50_us <= r.p99_us, where
+        assert (r.ratio_to_none is not None) == (r.case == "ClusterIP"), where
+    ebpf_rows = [r for r in report.results if r.mode == "ebpf"]
+    assert {r.uplink_mode for r in ebpf_rows} <= {"xdp-native", "xdp-generic"}, "XDP on node 0's eth0"
+    text = bench_modes.format_report(report)
+    assert f"NodePort {bench_modes.NODE_PORT} from the outside client to node 0" in text
+    assert "2 nodes: client pods on node 0, backends on node 1" in text
+    assert report.left_behind == [] and report.ok
+    assert not lab.state_path(spec.prefix).exists()
+    assert not any(os.path.exists(spec.node_pin_dir(i)) for i in range(2))
     assert node_state() == before

@@ -10,6 +10,16 @@ The lab (``lbctl.lab.cluster``, prefix "lbb", pods in 10.244.220.0/24):
     client-none, client-ebpf, client-iptables, client-nftables   one client pod per mode
     web-0 .. web-2                                                the real service's backends
 
+With ``--nodes 2`` (``BenchSpec.nodes``) the lab is the multi-node one (lbctl.lab.cluster:
+each node a namespace with eth0 on the lab bridge): every client pod on node 0, every backend
+on node 1, so each connection is forwarded across the lab network; each mode runs on every node
+(its own pin dir, tc filter name and nft table; node name, node IP and eth0 as uplink as the
+parity suite gives them), and default/web is also a NodePort (NODE_PORT, eTP Cluster): a second
+measurement per mode runs the client in the lab's outside namespace against node 0's address,
+node 0 forwarding to the remote backends with the source masqueraded (XDP on eth0 in ebpf mode,
+kube-proxy's chains otherwise). Those rows are reported under their own header, without a ratio
+to "none" (there is no NodePort without a load balancer); SYNC s is the slowest node's.
+
 The services, one desired state for every mode, built as ``ServicePortInfo`` objects:
 
 * ``default/web`` 10.96.220.10:80/TCP -> the 3 backend pods: the *real* service, read from the
@@ -112,6 +122,9 @@ SYNTHETIC_NAMESPACE = "bench"                        # sorts before "default": t
 SERVICE_PORT, TARGET_PORT = 80, 8080
 WARMUP_PER_WORKER = 5                                # connections per worker before the clock starts
 STALLED_US = 200_000                                 # a connection this slow met a retransmit
+NODE_PORT = 31220                                    # default/web's nodePort on a multi-node lab
+CLUSTER_IP_CASE = "ClusterIP"                        # a client pod to default/web's cluster IP
+NODE_PORT_CASE = "NodePort"                          # the outside client to node 0's NodePort
 
 Progress = Callable[[str], None]
 
@@ -138,10 +151,16 @@ class BenchSpec:
     workers: int = 4                 # client processes, one connection in flight each
     timeout: float = 2.0             # seconds per connection before it counts as a timeout
     sync_timeout: float = 300.0      # seconds one iptables-restore / nft command may take
+    nodes: int = 1                   # 1: the root namespace is the node; 2+: clients on node 0,
+                                     # backends on node 1, an agent per node (multi-node lab)
 
     @property
     def backend_pods(self) -> tuple[str, ...]:
         return tuple(f"web-{i}" for i in range(self.backends))
+
+    def node_pin_dir(self, index: int) -> str:
+        """Each node's agent has its own pin dir (and so its own tc filter name and nft table)."""
+        return self.pin_dir if self.nodes == 1 else f"{self.pin_dir}-node{index}"
 
     def lab_spec(self, modes: Sequence[str] = MODES) -> lab.LabSpec:
         web = lab.ServiceSpec("default", "web", self.real_vip,
@@ -150,7 +169,16 @@ class BenchSpec:
         return lab.LabSpec(prefix=self.prefix, pod_cidr=self.pod_cidr, gateway=self.gateway,
                            service_cidr=self.service_cidr,
                            clients=tuple(client_pod(m) for m in modes), services=(web,),
-                           server_max_seconds=1800.0)
+                           server_max_seconds=1800.0, nodes=self.nodes,
+                           placement=self.placement(modes))
+
+    def placement(self, modes: Sequence[str]) -> tuple[tuple[str, int], ...]:
+        """Several nodes: every client on node 0, every backend on node 1, so that each
+        connection crosses the lab network (forwarded, and for NodePorts masqueraded, by node 0)."""
+        if self.nodes == 1:
+            return ()
+        return (tuple((client_pod(m), 0) for m in modes)
+                + tuple((pod, 1) for pod in self.backend_pods))
 
 
 @dataclass
@@ -175,6 +203,8 @@ class ModeResult:
     rounds_conn_per_second: list[float] = field(default_factory=list)
     stalled: int = 0                     # connections slower than STALLED_US (a lost SYN costs 1 s)
     failure: str | None = None           # why this measurement does not count
+    case: str = CLUSTER_IP_CASE          # ClusterIP from a client pod, or NodePort from outside
+    uplink_mode: str | None = None       # ebpf on a multi-node lab: how node 0's uplink is served
 
 
 class BenchError(RuntimeError):
@@ -216,7 +246,18 @@ def real_ports(state: lab.LabState) -> list[ServicePortInfo]:
         raise BenchError(f"the bench lab's manifests: {exc}") from None
     if snapshot.problems:
         raise BenchError(f"the bench lab's manifests: {'; '.join(map(str, snapshot.problems))}")
-    return list(service_ports(snapshot))
+    ports = list(service_ports(snapshot))
+    if state.spec.nodes == 1:
+        return ports
+    return [node_port_of(p) for p in ports]
+
+
+def node_port_of(info: ServicePortInfo) -> ServicePortInfo:
+    """The service as type NodePort (eTP Cluster) on NODE_PORT: the multi-node lab's NodePort case."""
+    port = dataclasses.replace(info.port, node_port=NODE_PORT)
+    service = dataclasses.replace(info.service, type="NodePort", ports=tuple(
+        dataclasses.replace(p, node_port=NODE_PORT) if p == info.port else p for p in info.service.ports))
+    return dataclasses.replace(info, service=service, port=port)
 
 
 def render_position(ports: Sequence[ServicePortInfo], real_key: str) -> int:
@@ -227,7 +268,28 @@ def render_position(ports: Sequence[ServicePortInfo], real_key: str) -> int:
     return order.index(real_key) + 1
 
 
-# --- the modes -----------------------------------------------------------------------------------
+# --- the nodes and their modes --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchNode:
+    """Where one node's mode runs: its namespace (None: the root namespace), name, node IP, pod
+    links, pin dir and uplink (None on the one-node lab: no uplink programs, as before)."""
+
+    name: str
+    ns: str | None
+    ip: str
+    links: tuple[str, ...]
+    pin_dir: str
+    uplink: str | None = None
+
+
+def bench_nodes(state: lab.LabState, spec: BenchSpec) -> list[BenchNode]:
+    if spec.nodes == 1:
+        return [BenchNode(lab.NODE_NAME, None, spec.gateway, tuple(state.host_links()), spec.pin_dir)]
+    return [BenchNode(n.name, n.ns, n.ip, tuple(state.host_links(n.name)), spec.node_pin_dir(n.index),
+                      n.uplink) for n in state.node_list()]
+
 
 
 class TimingRunner:
@@ -254,27 +316,35 @@ class TimingRunner:
             self.by_command[argv[0]] += took
 
 
-def ebpf_config(spec: BenchSpec, links: Sequence[str], biggest: int) -> ebpf.DatapathConfig:
+def ebpf_config(spec: BenchSpec, links: Sequence[str], biggest: int,
+                node: BenchNode | None = None) -> ebpf.DatapathConfig:
     """Maps sized for the largest run, so every run loads the same program."""
     from lbctl.bench.prog import _pow2
 
     endpoints = 2 * biggest + spec.backends
     return ebpf.DatapathConfig(
-        pin_dir=spec.pin_dir, max_services=_pow2(biggest + 1), max_backends=_pow2(endpoints + 1),
-        services_map_size=_pow2(biggest + endpoints + 1),
+        pin_dir=node.pin_dir if node else spec.pin_dir, max_services=_pow2(biggest + 1),
+        max_backends=_pow2(endpoints + 1), services_map_size=_pow2(biggest + endpoints + 1),
         ct_size=_pow2(4 * spec.rounds * (spec.connections + spec.workers * WARMUP_PER_WORKER)),
-        devices=tuple(links), node_name=lab.NODE_NAME)
+        devices=tuple(links), node_name=node.name if node else lab.NODE_NAME,
+        uplink_devices=(node.uplink,) if node and node.uplink else ())
 
 
-def make_mode(name: str, spec: BenchSpec, links: Sequence[str], biggest: int, runner=None):
-    """The mode as the parity suite builds it (same node name, node IP, cluster CIDR)."""
-    from lbctl.datapath.ebpf.mode import EbpfMode
+def make_mode(name: str, spec: BenchSpec, links: Sequence[str], biggest: int, runner=None,
+              node: BenchNode | None = None):
+    """The mode as the parity suite builds it (same node name, node IP, cluster CIDR); with
+    ``node``, that node's (multi-node lab: its name, node IP, pin dir and uplink)."""
+    from lbctl.datapath.ebpf.mode import EbpfMode, ProxySettings
     from lbctl.datapath.kubeproxy import iptables_mode, nftables_mode, proxier
 
     if name == "ebpf":
-        return EbpfMode(ebpf_config(spec, links, biggest))
-    options = proxier.ProxierOptions(ebpf_pin_dir=spec.pin_dir)
-    settings: dict[str, Any] = dict(node_name=lab.NODE_NAME, node_ips=(spec.gateway,),
+        if node is None or node.uplink is None:
+            return EbpfMode(ebpf_config(spec, links, biggest, node))
+        return EbpfMode(ebpf_config(spec, links, biggest, node),
+                        settings=ProxySettings(node_ips=(node.ip,), cluster_cidr=CLUSTER_CIDR))
+    options = proxier.ProxierOptions(ebpf_pin_dir=node.pin_dir if node else spec.pin_dir)
+    settings: dict[str, Any] = dict(node_name=node.name if node else lab.NODE_NAME,
+                                    node_ips=(node.ip if node else spec.gateway,),
                                     cluster_cidr=CLUSTER_CIDR)
     if name == "iptables":
         return iptables_mode.IptablesMode(
@@ -284,10 +354,10 @@ def make_mode(name: str, spec: BenchSpec, links: Sequence[str], biggest: int, ru
     raise ValueError(f"unknown mode {name!r}")
 
 
-def remove_mode_objects(name: str, spec: BenchSpec) -> list[str]:
+def remove_mode_objects(name: str, spec: BenchSpec, pin_dir: str | None = None) -> list[str]:
     from lbctl.datapath.base import cleanup_mode
 
-    return cleanup_mode(name, spec.pin_dir) if name != "none" else []
+    return cleanup_mode(name, pin_dir or spec.pin_dir) if name != "none" else []
 
 
 def iptables_position(vip: str) -> str:
@@ -345,16 +415,35 @@ def foreign_filters(links: Sequence[str], ours: str | None) -> list[str]:
     return sorted({f"{name} on {link}" for link, name in bpf_filters(links) if name != ours})
 
 
-def forget_conntrack(spec: BenchSpec) -> None:
+def forget_conntrack(spec: BenchSpec, state: lab.LabState | None = None) -> None:
     """Deletes the node's conntrack entries of the lab's pods, before each measurement.
 
     Entries of an earlier measurement live on (TIME_WAIT: 120 s) and would make this one's
     connections clash: a flow DNATed to a backend by iptables or nftables has the reply tuple
     of a direct connection to that backend from the same client port ("none", ebpf, which
     netfilter sees already translated), and netfilter drops the SYN of such a clash; the client
-    retransmits it a second later. Only entries from the lab's pod CIDR are touched.
+    retransmits it a second later. Only entries from the lab's pod CIDR are touched (on a
+    multi-node lab: on every node, from the clients' pod CIDR and from the lab network, where
+    the outside client and the nodes' masqueraded connections come from).
     """
-    subprocess.run(["conntrack", "-D", "-s", spec.pod_cidr], capture_output=True, text=True)
+    if spec.nodes == 1 or state is None:
+        subprocess.run(["conntrack", "-D", "-s", spec.pod_cidr], capture_output=True, text=True)
+        return
+    for node in state.node_list():
+        for source in (spec.pod_cidr, str(state.spec.lab_network())):
+            subprocess.run([*node.enter(), "conntrack", "-D", "-s", source], capture_output=True, text=True)
+
+
+def forget_time_wait(state: lab.LabState, spec: BenchSpec) -> None:
+    """Closes the backends' TIME_WAIT sockets (``ss -K``, in the backend pods only), before each
+    round of the NodePort case. Every connection from outside reaches the backends masqueraded
+    to node 0's one address, so the TIME_WAIT sockets of the earlier rounds and modes (60 s)
+    hold ever more of that address's ports: measured, successive rounds slowed down (9,100,
+    7,200, 6,000 conn/s) and later modes met SYN retransmits (1 s) on a reused port. A real
+    node's backends meet the same, but it would make each mode pay for the ones before it."""
+    for pod in spec.backend_pods:
+        subprocess.run([*netns.enter_argv(state.pods[pod].ns), "ss", "-K", "-t", "state", "time-wait"],
+                       capture_output=True, text=True)
 
 
 def leftovers(spec: BenchSpec) -> list[str]:
@@ -367,8 +456,9 @@ def leftovers(spec: BenchSpec) -> list[str]:
     tc_name = ebpf.DatapathConfig(pin_dir=spec.pin_dir).tc_name
     with IPRoute() as ipr:
         left += [f"tc filter {tc_name} on {name}" for _, name in ebpf.attached_links(ipr, tc_name)]
-    if os.path.exists(spec.pin_dir):
-        left.append(f"pin dir {spec.pin_dir}")
+    for pin_dir in dict.fromkeys([spec.pin_dir, *(spec.node_pin_dir(i) for i in range(spec.nodes))]):
+        if os.path.exists(pin_dir):
+            left.append(f"pin dir {pin_dir}")
     if lab.state_path(spec.prefix).exists():
         left.append(f"lab state {lab.state_path(spec.prefix)}")
     return left + foreign_proxy_objects()
@@ -484,14 +574,15 @@ def client_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def client_in(state: lab.LabState, spec: BenchSpec, client: str, targets: list[str]) -> list[dict]:
-    """Runs the client in pod ``client``: one report per round."""
+def client_in(state: lab.LabState, spec: BenchSpec, client: str, targets: list[str],
+              ns: str | None = None) -> list[dict]:
+    """Runs the client in pod ``client`` (or in namespace ``ns``): one report per round."""
     argv = netns.python_argv("lbctl.bench.modes", "client", "--targets", ",".join(targets),
                              "--count", str(spec.connections), "--max-seconds", str(spec.max_seconds),
                              "--workers", str(spec.workers), "--timeout", str(spec.timeout),
                              "--rounds", str(spec.rounds))
     round_limit = spec.max_seconds + (WARMUP_PER_WORKER + 1) * spec.timeout
-    proc = netns.run_in(state.pods[client].ns, argv, env=netns.python_env(),
+    proc = netns.run_in(ns or state.pods[client].ns, argv, env=netns.python_env(),
                         timeout=spec.rounds * round_limit + 60)
     return json.loads(proc.stdout)
 
@@ -506,65 +597,103 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
 
 
 def measure(name: str, ports: Sequence[ServicePortInfo], state: lab.LabState, spec: BenchSpec,
-            biggest: int, position: int, progress: Progress, verbose: bool = False) -> ModeResult:
-    """Start mode ``name``, sync ``ports``, run the client, stop and clean the mode."""
+            biggest: int, position: int, progress: Progress, verbose: bool = False) -> list[ModeResult]:
+    """Start mode ``name`` (on every node), sync ``ports``, run the client, stop and clean the
+    mode. One result, ClusterIP from a client pod; on a multi-node lab and for a load balancer,
+    a second one: NodePort from the outside client to node 0, the backends on node 1."""
     n = len(ports)
     tag = f"[{n:,} services] {name}"
     result = ModeResult(mode=name, services=n, real_service_position=position)
-    links = state.host_links()
-    mode = None
+    results = [result]
+    if spec.nodes > 1 and name != "none":
+        results.append(ModeResult(mode=name, services=n, real_service_position=position, case=NODE_PORT_CASE))
+    nodes = bench_nodes(state, spec)
+    running: list[tuple[BenchNode, Any]] = []
     try:
         if name == "none":
             targets = [f"{ip}:{TARGET_PORT}" for ip in state.backend_ips("default/web")]
-            ours = None
         else:
-            runner = TimingRunner(spec.sync_timeout) if name != "ebpf" else None
-            mode = make_mode(name, spec, links, biggest, runner)
-            result.start_seconds = start_mode(mode, links, progress, verbose)
-            sync_mode(mode, ports, runner, result)
-            result.kernel_position = (iptables_position(spec.real_vip) if name == "iptables" else
+            parts = []
+            for node in nodes:
+                runner = TimingRunner(spec.sync_timeout) if name != "ebpf" else None
+                mode = make_mode(name, spec, node.links, biggest, runner, node)
+                running.append((node, mode))
+                part = ModeResult(mode=name, services=n, real_service_position=position)
+                expected = [*node.links, *([node.uplink] if node.uplink and name == "ebpf" else [])]
+                part.start_seconds = netns.in_netns(node.ns, start_mode, mode, expected, progress, verbose)
+                netns.in_netns(node.ns, sync_mode, mode, ports, runner, part)
+                parts.append(part)
+            slowest = max(parts, key=lambda p: p.sync_seconds or 0.0)   # nodes sync side by side
+            result.start_seconds = max(p.start_seconds or 0.0 for p in parts)
+            result.sync_seconds, result.sync_commands = slowest.sync_seconds, slowest.sync_commands
+            result.sync_command_seconds = slowest.sync_command_seconds
+            result.kernel_position = (netns.in_netns(nodes[0].ns, iptables_position, spec.real_vip)
+                                      if name == "iptables" else
                                       "an element of the service-ips verdict map" if name == "nftables"
                                       else "a key of the lb4_services hash map")
             split = ""
-            if runner:
-                slowest = ", ".join(f"{cmd} {secs:.2f} s" for cmd, secs in
-                                    sorted(result.sync_commands.items(), key=lambda kv: -kv[1])[:2])
+            if name != "ebpf":
+                slowest_cmds = ", ".join(f"{cmd} {secs:.2f} s" for cmd, secs in
+                                         sorted(result.sync_commands.items(), key=lambda kv: -kv[1])[:2])
                 in_python = (result.sync_seconds or 0.0) - (result.sync_command_seconds or 0.0)
-                split = f" ({slowest}; {in_python:.2f} s in Python)"
-            progress(f"{tag}: started in {result.start_seconds:.2f} s, synced {n:,} services in "
+                split = f" ({slowest_cmds}; {in_python:.2f} s in Python)"
+            where = f" on each of {len(nodes)} nodes" if len(nodes) > 1 else ""
+            if name == "ebpf" and nodes[0].uplink:
+                served = {up: how for up, how in running[0][1].uplinks.values()}
+                for r in results:
+                    r.uplink_mode = served.get(nodes[0].uplink, "not attached")
+                where += f" (node 0's {nodes[0].uplink}: {result.uplink_mode})"
+            progress(f"{tag}: started in {result.start_seconds:.2f} s, synced {n:,} services{where} in "
                      f"{result.sync_seconds:.2f} s{split}")
             targets = [f"{spec.real_vip}:{SERVICE_PORT}"]
-            ours = mode.cfg.tc_name if name == "ebpf" else None
-        foreign = foreign_filters(links, ours)
-        if foreign:
-            raise BenchError(f"BPF tc filters not ours on the lab's links ({', '.join(foreign)}): "
-                             f"another agent is load-balancing them; stop it (or run it with "
-                             f"--devices that exclude veth{spec.prefix}*)")
-        forget_conntrack(spec)
+        for index, node in enumerate(nodes):
+            ours = running[index][1].cfg.tc_name if name == "ebpf" else None
+            foreign = netns.in_netns(node.ns, foreign_filters, node.links, ours)
+            if foreign:
+                raise BenchError(f"BPF tc filters not ours on the lab's links ({', '.join(foreign)}): "
+                                 f"another agent is load-balancing them; stop it (or run it with "
+                                 f"--devices that exclude veth{spec.prefix}*)")
+        forget_conntrack(spec, state)
         fill(result, client_in(state, spec, client_pod(name), targets), spec)
-        progress(f"{tag}: {result.connections:,} connections in {result.elapsed_seconds:.2f} s: "
-                 f"{result.conn_per_second:,.0f} conn/s (median of "
-                 f"{', '.join(f'{c:,.0f}' for c in result.rounds_conn_per_second)}), "
-                 f"p50 {result.p50_us:,.0f} us, "
-                 f"p99 {result.p99_us:,.0f} us, answers {result.answers}"
-                 + (f", errors {result.errors}" if result.errors else "")
-                 + (f", {result.stalled} stalled (>= {STALLED_US // 1000} ms)" if result.stalled else "")
-                 + (f" -- {result.failure}" if result.failure else ""))
+        report_progress(tag, result, progress)
+        if len(results) > 1:
+            outside, rounds = results[1], []
+            for _ in range(spec.rounds):   # each round from no TIME_WAIT on the backends
+                forget_time_wait(state, spec)
+                forget_conntrack(spec, state)
+                rounds += client_in(state, dataclasses.replace(spec, rounds=1), client_pod(name),
+                                    [f"{nodes[0].ip}:{NODE_PORT}"], ns=state.outside_ns)
+            fill(outside, rounds, spec)
+            report_progress(f"{tag} NodePort from outside", outside, progress)
     except (BenchError, ebpf.DatapathError, netns.NetnsError, subprocess.SubprocessError,
             ValueError, OSError) as exc:
-        result.failure = f"{type(exc).__name__}: {exc}"
-        progress(f"{tag}: FAILED: {result.failure}")
+        for r in results:
+            if r.failure is None and r.connections == 0:
+                r.failure = f"{type(exc).__name__}: {exc}"
+        progress(f"{tag}: FAILED: {type(exc).__name__}: {exc}")
     finally:
-        if mode is not None:
-            started = time.monotonic()
+        started = time.monotonic()
+        for node, mode in running:
             try:
-                mode.stop(detach=True)
+                netns.in_netns(node.ns, mode.stop, True)
             finally:
-                remove_mode_objects(name, spec)
+                netns.in_netns(node.ns, remove_mode_objects, name, spec, node.pin_dir)
+        if running:
             result.stop_seconds = time.monotonic() - started
             if result.stop_seconds > 1:
                 progress(f"{tag}: stopped and removed its objects in {result.stop_seconds:.2f} s")
-    return result
+    return results
+
+
+def report_progress(tag: str, result: ModeResult, progress: Progress) -> None:
+    progress(f"{tag}: {result.connections:,} connections in {result.elapsed_seconds:.2f} s: "
+             f"{result.conn_per_second:,.0f} conn/s (median of "
+             f"{', '.join(f'{c:,.0f}' for c in result.rounds_conn_per_second)}), "
+             f"p50 {result.p50_us:,.0f} us, "
+             f"p99 {result.p99_us:,.0f} us, answers {result.answers}"
+             + (f", errors {result.errors}" if result.errors else "")
+             + (f", {result.stalled} stalled (>= {STALLED_US // 1000} ms)" if result.stalled else "")
+             + (f" -- {result.failure}" if result.failure else ""))
 
 
 def start_mode(mode, links: Sequence[str], progress: Progress, verbose: bool) -> float:
@@ -686,11 +815,16 @@ def run_bench_modes(modes: Sequence[str], counts: Sequence[int], spec: BenchSpec
     preflight(modes, spec)
     biggest = max(counts)
     synthetic = synthetic_ports(biggest - 1)     # built once; a prefix of it per count
-    for name in modes:
-        remove_mode_objects(name, spec)          # our own pins from an interrupted run
-    progress(f"lab {spec.prefix!r}: {len(modes)} client pods and {spec.backends} backends in "
-             f"{spec.pod_cidr}, "
-             f"default/web on {spec.real_vip}:{SERVICE_PORT}")
+    remove_leftovers(modes, spec)                # our own pins from an interrupted run
+    if spec.nodes == 1:
+        progress(f"lab {spec.prefix!r}: {len(modes)} client pods and {spec.backends} backends in "
+                 f"{spec.pod_cidr}, "
+                 f"default/web on {spec.real_vip}:{SERVICE_PORT}")
+    else:
+        progress(f"lab {spec.prefix!r}: {spec.nodes} nodes; {len(modes)} client pods on node 0 "
+                 f"({spec.pod_cidr}), {spec.backends} backends on node 1; default/web on "
+                 f"{spec.real_vip}:{SERVICE_PORT} and NodePort {NODE_PORT} (from the outside client "
+                 f"to node 0); each mode runs on every node")
     results: list[ModeResult] = []
     state = lab.lab_up(spec.lab_spec(modes))
     try:
@@ -701,22 +835,34 @@ def run_bench_modes(modes: Sequence[str], counts: Sequence[int], spec: BenchSpec
             position = render_position(ports, "default/web")
             progress(f"[{n:,} services] default/web is service port {position:,} of {len(ports):,} "
                      f"in the renderers' order" + (" (last)" if position == len(ports) else ""))
-            row = [measure(name, ports, state, spec, biggest, position, progress, verbose)
-                   for name in modes]
+            row = [r for name in modes
+                   for r in measure(name, ports, state, spec, biggest, position, progress, verbose)]
             base = next((r for r in row if r.mode == "none" and not r.failure), None)
             for r in row:
-                if base is not None and base.conn_per_second > 0 and not r.failure:
+                if base is not None and base.conn_per_second > 0 and not r.failure \
+                        and r.case == CLUSTER_IP_CASE:
                     r.ratio_to_none = r.conn_per_second / base.conn_per_second
             results += row
     finally:
         lab.lab_down(spec.prefix)
-        for name in modes:
-            remove_mode_objects(name, spec)
+        remove_leftovers(modes, spec)
         forget_conntrack(spec)
     report = BenchReport(modes=modes, counts=counts, spec=asdict(spec), results=results,
                          left_behind=leftovers(spec))
     report.elapsed_seconds = time.monotonic() - started
     return report
+
+
+def remove_leftovers(modes: Sequence[str], spec: BenchSpec) -> None:
+    """One node: every mode's objects on this node, as before. Several: only the nodes' pins
+    (their namespaces, and the rules in them, go with the lab); nothing of the root namespace."""
+    if spec.nodes == 1:
+        for name in modes:
+            remove_mode_objects(name, spec)
+        return
+    if "ebpf" in modes:
+        for index in range(spec.nodes):
+            remove_mode_objects("ebpf", spec, spec.node_pin_dir(index))
 
 
 def warm_up(state: lab.LabState, spec: BenchSpec, progress: Progress) -> None:
@@ -728,7 +874,7 @@ def warm_up(state: lab.LabState, spec: BenchSpec, progress: Progress) -> None:
     targets = [f"{ip}:{TARGET_PORT}" for ip in state.backend_ips("default/web")]
     started = time.monotonic()
     client_in(state, short, client_pod("none"), targets)
-    forget_conntrack(spec)
+    forget_conntrack(spec, state)
     progress(f"warm-up: {short.connections:,} connections straight to the backends in "
              f"{time.monotonic() - started:.1f} s (not reported)")
 
@@ -759,7 +905,8 @@ def format_report(report: BenchReport) -> str:
     spec = report.spec
     lines = []
     for n in report.counts:
-        row = [r for r in report.results if r.services == n]
+        row = [r for r in report.results if r.services == n and r.case == CLUSTER_IP_CASE]
+        outside = [r for r in report.results if r.services == n and r.case == NODE_PORT_CASE]
         position = row[0].real_service_position if row else 0
         lines.append("")
         lines.append(f"{n:,} services: default/web ({spec['backends']} backends) is service port "
@@ -769,7 +916,15 @@ def format_report(report: BenchReport) -> str:
         kernel = next((r.kernel_position for r in row if r.mode == "iptables" and r.kernel_position), None)
         if kernel:
             lines.append(f"  iptables: default/web's cluster IP is {kernel}")
+        if outside:
+            lines.append(f"NodePort {NODE_PORT} from the outside client to node 0, every backend on "
+                         f"node 1 (forwarded over the lab network, masqueraded to node 0):")
+            lines.append(HEADER)
+            lines += [format_row(r) for r in outside]
     lines.append("")
+    if spec.get("nodes", 1) > 1:
+        lines.append(f"{spec['nodes']} nodes: client pods on node 0, backends on node 1, each mode "
+                     f"on every node (SYNC s: the slowest node's); VS NONE only for the ClusterIP rows")
     lines.append(f"per row: {spec['rounds']} rounds of {spec['connections']:,} connections (or "
                  f"{spec['max_seconds']:.0f} s) on {spec['workers']} client processes; CONN/S is "
                  f"the median round, VS NONE its ratio to the no-load-balancer baseline of the "
@@ -788,7 +943,7 @@ def plot(report: BenchReport, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for index, name in enumerate(report.modes):
         points = [(r.services, r.ratio_to_none if relative else r.conn_per_second)
-                  for r in report.results if r.mode == name and not r.failure]
+                  for r in report.results if r.mode == name and not r.failure and r.case == CLUSTER_IP_CASE]
         points = [(x, y) for x, y in points if y is not None]
         if not points:
             continue
@@ -842,7 +997,10 @@ def cmd_bench_modes(args) -> int:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         counts = parse_counts(args.services or DEFAULT_COUNTS)
         spec = BenchSpec(connections=args.connections, max_seconds=args.seconds,
-                         workers=args.workers, rounds=args.rounds, sync_timeout=args.sync_timeout)
+                         workers=args.workers, rounds=args.rounds, sync_timeout=args.sync_timeout,
+                         nodes=getattr(args, "nodes", 1))
+        if not 1 <= spec.nodes <= 16:
+            raise BenchError(f"--nodes {spec.nodes}: 1 to 16")
         if min(spec.connections, spec.workers, spec.rounds) < 1 or spec.max_seconds <= 0:
             raise BenchError("--connections, --workers, --rounds and --seconds must be positive")
         progress(f"lbctl bench --modes {','.join(modes)}: new TCP connections to one ClusterIP "

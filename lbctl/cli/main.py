@@ -496,6 +496,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="client processes, one connection in flight each (%(default)s)")
     modes.add_argument("--sync-timeout", type=argtypes.positive_float, default=300.0,
                        help="seconds one iptables-restore or nft transaction may take (%(default)s)")
+    modes.add_argument("--nodes", type=argtypes.positive_int, default=1,
+                       help="lab nodes (%(default)s: the root namespace is the node); 2: clients on "
+                            "node 0, backends on node 1, plus NodePort from outside to node 0")
     bench.set_defaults(func=cmd_bench)
 
     from lbctl.cli import render as render_cmd
