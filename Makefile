@@ -76,7 +76,7 @@ bench-quick: setup
 	$(VENV)/bin/lbctl bench --services 10,100000 --plot out/bench-quick.png
 
 bench-modes: setup
-	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --plot out/bench-modes.png
+	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --nodes 2 --plot out/bench-modes.png
 
 # The real Kubernetes control plane, built from Go modules (hack/k8s, hack/etcd) once per machine
 # into ~/.cache/lbctl/k8s-<version>/; KUBEBUILDER_ASSETS with the binaries skips the build.
