@@ -61,7 +61,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
-from conftest import TEST_PIN_DIR
+from conftest import TEST_PIN_DIR, config_for_tests
 from nsutil import socket_in, strict_node, thread_in, wait_for
 
 from lbctl.agent.status import status_file
@@ -118,6 +118,55 @@ def service_json(namespace: str, name: str) -> str:
                        "spec": {"clusterIP": ip, "selector": {"app": app},
                                 "ports": [{"name": n, "port": p, "protocol": proto, "targetPort": t}
                                           for n, p, proto, t in ports]}})
+
+
+# --- what makes restarts cheap: the pinned programs adopted ---------------------------------------
+
+
+def _program_ids(dp: ebpf.EbpfDatapath) -> dict[str, int]:
+    return {name: bpfsys.prog_info(fd).id for name, fd in dp.program_fds().items()}
+
+
+def _map_ids(dp: ebpf.EbpfDatapath) -> set[int]:
+    return {m.info.id for m in dp.maps.values()}
+
+
+def test_a_restart_adopts_the_pinned_programs_and_never_ones_bound_to_unpinned_maps():
+    """A second load of the same source and configuration takes the very programs the first
+    pinned (no compile); programs whose maps were unpinned since are compiled again, on the
+    maps pinned now; remove_pins leaves nothing."""
+    cfg = config_for_tests(pin_dir=TEST_PIN_DIR + "-adopt")
+    try:
+        first = ebpf.EbpfDatapath(cfg).load()
+        ids, maps = _program_ids(first), _map_ids(first)
+        first.close()
+        dirs = [n for n in os.listdir(cfg.pin_dir) if n.startswith(ebpf.PROGRAMS_PREFIX)]
+        assert len(dirs) == 1 and sorted(os.listdir(os.path.join(cfg.pin_dir, dirs[0]))) == sorted(ebpf.PROGRAM_TYPES)
+        again = ebpf.EbpfDatapath(cfg).load()
+        assert again.bpf is None and _program_ids(again) == ids and _map_ids(again) == maps
+        again.close()
+        for name in ebpf.MAPS:   # the maps unpinned (the programs' pins left): new maps next
+            os.unlink(os.path.join(cfg.pin_dir, name))
+        fresh = ebpf.EbpfDatapath(cfg).load()
+        try:
+            assert fresh.bpf is not None and not set(_program_ids(fresh).values()) & set(ids.values())
+            used = {i for fd in fresh.program_fds().values() for i in bpfsys.prog_info(fd).map_ids}
+            assert _map_ids(fresh) <= used and not _map_ids(fresh) & maps
+        finally:
+            fresh.close()
+        assert len([n for n in os.listdir(cfg.pin_dir) if n.startswith(ebpf.PROGRAMS_PREFIX)]) == 1
+    finally:
+        ebpf.remove_pins(cfg.pin_dir)
+    assert not os.path.exists(cfg.pin_dir)
+
+
+def test_the_program_digest_covers_the_source_and_the_flags():
+    cfg = config_for_tests()
+    texts = {path: path.read_bytes() for path in ebpf.SOURCES}
+    digest = ebpf.program_digest(cfg, texts)
+    assert ebpf.program_digest(cfg, dict(texts)) == digest
+    assert ebpf.program_digest(cfg, {**texts, ebpf.XDP_SOURCE: texts[ebpf.XDP_SOURCE] + b"\n"}) != digest
+    assert ebpf.program_digest(config_for_tests(ct_size=16384), texts) != digest
 
 
 # --- the pods as the API server knows them -----------------------------------------------------
