@@ -9,10 +9,14 @@ are added in both states. The Services, Pods and node live in the real API serve
 
 A kill "during a sync" is timed from the agent's own log (-v 4): the test arms the kill on the
 line the Kubernetes source writes when it applies the watch event of the changed EndpointSlice
-(the sync of it follows at once: --min-sync-period 0), and it counts as landing in the sync
-when the agent died without writing the line that ends that sync (-v 2, "sync (ebpf, change)").
-The change is a pod of `web` flipping Ready, which also changes every port of `bulk` (90 ports
-selecting the same pods): a sync of ~100 frontends, so that a kill finds one in progress.
+(the sync of it follows at once: --min-sync-period 0). A SIGKILL counts as landing in the
+sync when the agent died without writing the line that ends that sync (-v 2, "sync (ebpf,
+change)"): after the change arrived, before it was programmed. A SIGTERM counts when the agent
+logged receiving it before that line (it lets the turn under way end, then exits; one that
+comes before the turn began exits without the sync, which the next start makes). The change is
+a pod of `web` flipping Ready, which also changes every port of `bulk` (90 ports selecting the
+same pods): a sync of ~100 frontends (~100 ms here), so that a kill finds one in progress.
+`--interval 0.25` bounds how long an idle agent takes to notice a SIGTERM (its select wait).
 
 What is counted, and must hold at every restart:
 
