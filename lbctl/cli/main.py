@@ -123,8 +123,16 @@ def _run(args) -> int:
                       options=AgentOptions(interval=args.interval, detach_on_exit=args.detach_on_exit,
                                            sync_period=args.sync_period, min_sync_period=args.min_sync_period))
         stop = threading.Event()
+
+        def _stop(signum, _frame) -> None:
+            # said in the log, so that what the agent did after it is plain: the turn under way
+            # (a sync) ends, then the agent exits, leaving the datapath as it is
+            log.info("lbctl run: %s received: exiting once the turn under way (if any) ends",
+                     signal.Signals(signum).name)
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
+            signal.signal(sig, _stop)
         if args.mode == "ebpf":
             log.info("lbctl run: %s, devices %s, uplinks %s, maps %s", where,
                      ",".join(mode.cfg.devices), ",".join(mode.cfg.uplink_devices) or "none",

@@ -466,3 +466,28 @@ def prog_name(prog_id: int) -> str:
         return info.name.decode(errors="replace")
     finally:
         os.close(fd)
+
+
+PROG_TYPE_SCHED_CLS = 3
+PROG_TYPE_XDP = 6
+
+
+@dataclass(frozen=True)
+class ProgInfo:
+    type: int
+    id: int
+    name: str                   # the kernel's name: the function's, cut to 15 characters
+    map_ids: tuple[int, ...]    # every map the program uses
+
+
+def prog_info(fd: int) -> ProgInfo:
+    """What the kernel says of a loaded program: two calls, the second with room for its map ids."""
+    info = _ProgInfo()
+    size = ctypes.c_uint32(ctypes.sizeof(info))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(info), ctypes.byref(size)), "prog info")
+    ids = (ctypes.c_uint32 * max(1, info.nr_map_ids))()
+    again = _ProgInfo(nr_map_ids=info.nr_map_ids, map_ids=ctypes.addressof(ids))
+    size = ctypes.c_uint32(ctypes.sizeof(again))
+    _check(_libbpf.bpf_obj_get_info_by_fd(fd, ctypes.byref(again), ctypes.byref(size)), "prog info")
+    count = min(info.nr_map_ids, again.nr_map_ids)
+    return ProgInfo(again.type, again.id, again.name.decode(errors="replace"), tuple(ids[:count]))

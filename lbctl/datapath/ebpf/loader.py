@@ -3,6 +3,9 @@ their maps, attach them.
 
 Kernel objects lbctl creates, and nothing else:
   - maps pinned under ``pin_dir`` (default /sys/fs/bpf/lbctl), reused across restarts;
+  - the loaded programs pinned under ``pin_dir``/programs-<digest>/, adopted by the next start
+    instead of compiling again when the digest of their source and configuration is the same
+    (see "the programs across restarts" below);
   - one tc filter (bpf, direct-action, handle ``TC_HANDLE``, named ``TC_NAME``) at clsact
     ingress and one at egress of every matching link, at pref ``TC_PRIO`` unless another tool's
     filter holds that pref (then the nearest free pref before it, said in the log), and the
@@ -37,6 +40,7 @@ The API the mode uses for uplinks::
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 import os
 import platform
@@ -82,6 +86,12 @@ XDP_CHOICES = {"auto": (MODE_XDP_NATIVE, MODE_XDP_GENERIC), "native": (MODE_XDP_
                "generic": (MODE_XDP_GENERIC,), "off": ()}
 MAPS = ("lb4_services", "lb4_backends", "lb4_ct", "lb4_affinity", "lb_service_stats",
         "lb_backend_stats", "lb_global_stats", "lb4_source_ranges", "lb4_config", "lb4_maglev")
+TC_SOURCE = shared.BPF_DIR / "prog" / "lbctl_tc.c"
+XDP_SOURCE = shared.BPF_DIR / "prog" / "lbctl_xdp.c"
+SOURCES = (TC_SOURCE, XDP_SOURCE)
+PROGRAM_TYPES = {**{name: bpfsys.PROG_TYPE_SCHED_CLS for name in PROGRAMS.values()},
+                 XDP_PROGRAM: bpfsys.PROG_TYPE_XDP}
+PROGRAMS_PREFIX = "programs-"   # <pin dir>/programs-<digest>/<function>: the loaded programs
 
 
 @dataclass(frozen=True)
@@ -205,34 +215,89 @@ class EbpfDatapath:
         self.uplink_egress_fd = -1   # uplink tc egress (replies to outside clients)
         self.xdp_fd = -1           # uplink XDP
         self.maps: dict[str, BpfMap] = {}
+        self._adopted: list[int] = []   # descriptors of the programs taken from their pins
 
     def load(self) -> EbpfDatapath:
+        """Compiles the programs, or adopts the ones pinned under ``programs_dir`` when they were
+        built from the same source text and configuration (``program_digest``) and use the maps
+        pinned now: a restart then costs no compile, and the very programs that stayed attached
+        while the agent was down keep serving (attach replaces a filter with itself)."""
         ensure_bpffs()
-        check_kernel_headers()
         made_dir = not os.path.isdir(self.cfg.pin_dir)
         os.makedirs(self.cfg.pin_dir, exist_ok=True)
         check_pins(self.cfg)
+        texts = {path: source.program_text(path) for path in SOURCES}
+        directory = programs_dir(self.cfg.pin_dir, program_digest(self.cfg, texts))
+        why = "first load" if made_dir else self._adopt(directory)
+        if why:
+            check_kernel_headers()
+            self._compile(texts, made_dir)
+            pin_programs(self, directory)
+            log.info("compiled %s (%s); the programs are pinned under %s for the next start",
+                     ", ".join(p.name for p in SOURCES), why, directory)
+        else:
+            log.info("adopted the programs pinned under %s: built from this source and "
+                     "configuration, on the maps pinned now (no compile)", directory)
+        for name in MAPS:
+            self.maps[name] = BpfMap.open_pinned(os.path.join(self.cfg.pin_dir, name))
+        return self
+
+    def _compile(self, texts: dict[Path, bytes], made_dir: bool) -> None:
         from bcc import BPF  # Debian's python3-bpfcc; imported late so unit tests need no bcc
 
-        src = shared.BPF_DIR / "prog" / "lbctl_tc.c"
+        src = TC_SOURCE
         try:
             # bcc rewrites map calls only in the text it is given: lbctl's headers inlined
-            self.bpf = BPF(text=source.program_text(src), cflags=self.cfg.cflags())
+            self.bpf = BPF(text=texts[TC_SOURCE], cflags=self.cfg.cflags())
             self.prog_fd = self.bpf.load_func(PROGRAMS["ingress"].encode(), BPF.SCHED_CLS).fd
             self.egress_fd = self.bpf.load_func(PROGRAMS["egress"].encode(), BPF.SCHED_CLS).fd
             self.uplink_ingress_fd = self.bpf.load_func(PROGRAMS["uplink_ingress"].encode(), BPF.SCHED_CLS).fd
             self.uplink_egress_fd = self.bpf.load_func(PROGRAMS["uplink_egress"].encode(), BPF.SCHED_CLS).fd
             # a second object: its maps are the pins the first one made
-            src = shared.BPF_DIR / "prog" / "lbctl_xdp.c"
-            self.xdp_bpf = BPF(text=source.program_text(src), cflags=self.cfg.cflags())
+            src = XDP_SOURCE
+            self.xdp_bpf = BPF(text=texts[XDP_SOURCE], cflags=self.cfg.cflags())
             self.xdp_fd = self.xdp_bpf.load_func(XDP_PROGRAM.encode(), BPF.XDP).fd
         except Exception as exc:
             if made_dir:   # a first load: the maps bcc pinned before it failed are new, unused
                 remove_pins(self.cfg.pin_dir)
             raise DatapathError(f"compiling/loading {src} failed: {exc}") from exc
+
+    def program_fds(self) -> dict[str, int]:
+        """Function name -> file descriptor of each loaded program."""
+        return {PROGRAMS["ingress"]: self.prog_fd, PROGRAMS["egress"]: self.egress_fd,
+                PROGRAMS["uplink_ingress"]: self.uplink_ingress_fd,
+                PROGRAMS["uplink_egress"]: self.uplink_egress_fd, XDP_PROGRAM: self.xdp_fd}
+
+    def _adopt(self, directory: str) -> str:
+        """Takes the programs pinned in ``directory``; "" when done, else why not (then nothing
+        is taken). Each must be the function it is named after, of its type, and every map it
+        uses that bears one of our names must be the map pinned under that name now: a program
+        still bound to maps that were unpinned since (`lbctl cleanup`, a pin removed by hand)
+        is never adopted."""
+        if not os.path.isdir(directory):
+            return "no programs pinned for this source and configuration"
+        pinned: dict[str, int] = {}
         for name in MAPS:
-            self.maps[name] = BpfMap.open_pinned(os.path.join(self.cfg.pin_dir, name))
-        return self
+            try:
+                fd = obj_get(os.path.join(self.cfg.pin_dir, name))
+            except OSError:
+                return f"map {name} is not pinned"
+            try:
+                pinned[name[:15]] = map_info(fd).id     # the kernel keeps 15 characters of a name
+            finally:
+                os.close(fd)
+        fds: dict[str, int] = {}
+        why = _check_programs(directory, pinned, fds)
+        if why:
+            for fd in fds.values():
+                os.close(fd)
+            return why
+        self.prog_fd, self.egress_fd = fds[PROGRAMS["ingress"]], fds[PROGRAMS["egress"]]
+        self.uplink_ingress_fd = fds[PROGRAMS["uplink_ingress"]]
+        self.uplink_egress_fd = fds[PROGRAMS["uplink_egress"]]
+        self.xdp_fd = fds[XDP_PROGRAM]
+        self._adopted = list(fds.values())
+        return ""
 
     def write_config(self, cluster_cidr: str | None = None, masquerade_all: bool = False,
                      masq_mark: int = shared.const("LB_MARK_MASQ_DEFAULT"),
@@ -251,6 +316,12 @@ class EbpfDatapath:
         for m in self.maps.values():
             m.close()
         self.maps.clear()
+        for fd in self._adopted:
+            os.close(fd)
+        if self._adopted:
+            self._adopted = []
+            self.prog_fd = self.egress_fd = self.uplink_ingress_fd = self.uplink_egress_fd = -1
+            self.xdp_fd = -1
         if self.xdp_bpf is not None:
             self.xdp_bpf.cleanup()
             self.xdp_bpf = None
@@ -265,6 +336,97 @@ class EbpfDatapath:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# --- the programs across restarts ------------------------------------------------------------
+#
+# A start compiles both programs with bcc (seconds of CPU), unless the programs an earlier start
+# loaded are still pinned under <pin dir>/programs-<digest>, where the digest covers everything
+# the compiled code depends on: the exact text handed to bcc (the programs with lbctl's headers
+# inlined), the flags (pin dir, map sizes), the kernel and bcc. Same digest: the same programs,
+# so they are adopted as they are, and the filters on the links (which hold those very programs
+# while the agent is down) are replaced by themselves. Pins live in memory: a reboot forgets
+# them, and `lbctl cleanup` (remove_pins) removes them with the maps.
+
+
+def program_digest(cfg: DatapathConfig, texts: dict[Path, bytes]) -> str:
+    """What the compiled programs depend on, hashed: the directory name of their pins."""
+    digest = hashlib.sha256()
+    parts = [*(texts[p] for p in SOURCES), *(f.encode() for f in cfg.cflags()),
+             platform.release().encode(), platform.version().encode(), _bcc_version().encode(),
+             *(f"{name}:{kind}".encode() for name, kind in PROGRAM_TYPES.items())]
+    for part in parts:
+        digest.update(len(part).to_bytes(8, "little") + part)
+    return digest.hexdigest()[:20]
+
+
+def _bcc_version() -> str:
+    """bcc's version, read without importing bcc (which loads libbcc): "" if not found."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("bcc")
+    if spec is None or spec.origin is None:
+        return ""
+    try:
+        return Path(spec.origin).with_name("version.py").read_text()
+    except OSError:
+        return ""
+
+
+def programs_dir(pin_dir: str, digest: str) -> str:
+    return os.path.join(pin_dir, f"{PROGRAMS_PREFIX}{digest}")
+
+
+def _check_programs(directory: str, pinned: dict[str, int], fds: dict[str, int]) -> str:
+    """Opens each program pinned in ``directory`` into ``fds``; "" if every one is the function
+    it is named after, of its type, on the maps pinned now (``pinned``: map name cut to 15
+    characters -> id), else why not."""
+    try:
+        for function, kind in PROGRAM_TYPES.items():
+            fds[function] = obj_get(os.path.join(directory, function))
+            info = bpfsys.prog_info(fds[function])
+            if (info.name, info.type) != (function[:15], kind):
+                return f"{directory}/{function} is another program ({info.name}, type {info.type})"
+            for map_id in info.map_ids:
+                fd = bpfsys.map_fd_by_id(map_id)
+                try:
+                    used = map_info(fd)
+                finally:
+                    os.close(fd)
+                if used.name in pinned and pinned[used.name] != map_id:
+                    return f"{directory}/{function} uses a map {used.name} that is no longer pinned"
+    except OSError as exc:
+        return f"the pinned programs cannot be used ({exc.strerror or exc})"
+    return ""
+
+
+def pin_programs(datapath: EbpfDatapath, directory: str) -> None:
+    """Pins the freshly compiled programs under ``directory`` for the next start, and removes the
+    pins of other builds. A failure only costs the next start a compile (logged)."""
+    try:
+        _remove_program_pins(datapath.cfg.pin_dir)
+        os.mkdir(directory)
+        for function, fd in datapath.program_fds().items():
+            obj_pin(fd, os.path.join(directory, function))
+    except OSError as exc:
+        log.warning("could not pin the programs under %s (%s): the next start compiles them again",
+                    directory, exc.strerror or exc)
+        _remove_program_pins(datapath.cfg.pin_dir)
+
+
+def _remove_program_pins(pin_dir: str) -> list[str]:
+    """Unpins every build's programs (attached ones stay attached: the links hold them)."""
+    removed: list[str] = []
+    if not os.path.isdir(pin_dir):
+        return removed
+    for name in sorted(os.listdir(pin_dir)):
+        path = os.path.join(pin_dir, name)
+        if name.startswith(PROGRAMS_PREFIX) and os.path.isdir(path):
+            for pin in sorted(os.listdir(path)):
+                os.unlink(os.path.join(path, pin))
+            os.rmdir(path)
+            removed.append(name)
+    return removed
 
 
 # --- attaching ---------------------------------------------------------------------------------
@@ -504,7 +666,9 @@ def repin(datapath: EbpfDatapath) -> list[str]:
 
 
 def remove_pins(pin_dir: str = DEFAULT_PIN_DIR) -> list[str]:
-    """Unpins our maps (the kernel frees them once no program uses them)."""
+    """Unpins our maps (the kernel frees them once no program uses them), and the programs pinned
+    for the next start (``programs-<digest>/``, not counted in the names returned: the maps')."""
+    _remove_program_pins(pin_dir)
     removed = []
     if os.path.isdir(pin_dir):
         for name in sorted(os.listdir(pin_dir)):
