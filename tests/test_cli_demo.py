@@ -86,9 +86,11 @@ def test_the_demo_on_two_nodes_spreads_clusterip_and_nodeports_over_both(capsys)
     nothing_left(demo.DEMO_PREFIX, [n.pin_dir for n in state_nodes.values()])
 
 
-def test_the_demo_refuses_kubernetes_on_several_nodes(capsys):
+def test_the_demo_refuses_kubernetes_on_several_nodes_and_too_many_nodes(capsys):
     assert demo.run_demo(requests=1, plot=None, nodes=2, kubernetes=True) == 2
     assert "--kubernetes runs on one node" in capsys.readouterr().err
+    assert demo.run_demo(requests=1, plot=None, nodes=17) == 1
+    assert "--nodes 17: a lab has 1 to 16 nodes" in capsys.readouterr().err
     assert not lab.state_path(demo.DEMO_PREFIX).exists()
 
 

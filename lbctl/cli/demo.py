@@ -163,7 +163,11 @@ def _demo(requests: int, keep: bool, plot: Path | None, nodes: int, kubernetes: 
           + (" --kubernetes" if kubernetes else "") + f": {what}"
           + (", a real control plane holding them" if kubernetes else ", manifests for their services"))
     start = time.monotonic()
-    state = lab.lab_up(demo_spec(nodes, kubernetes))
+    try:
+        state = lab.lab_up(demo_spec(nodes, kubernetes))
+    except (lab.LabError, ValueError, kube.ControlPlaneError) as exc:
+        print(f"lbctl demo: {exc}", file=sys.stderr)
+        return 1
     print(lab.describe(state))
     if state.made.kube_dir:
         print(kube.describe(Path(state.made.kube_dir)))
