@@ -61,6 +61,10 @@ $(VENV)/.stamp: pyproject.toml | apt-deps
 demo: setup
 	$(VENV)/bin/lbctl demo $(if $(KEEP),--keep) $(DEMO_ARGS)
 
+# The demo on the real control plane: a Service made with kubectl, the agent --source kubernetes.
+demo-k8s: setup k8s-bins
+	$(VENV)/bin/lbctl demo --kubernetes $(if $(KEEP),--keep) $(DEMO_ARGS)
+
 # ruff (pyflakes, pycodestyle, isort, bugbear, pyupgrade) and mypy, configured in pyproject.toml
 lint: venv
 	$(VENV)/bin/ruff check lbctl tests

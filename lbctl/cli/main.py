@@ -6,7 +6,7 @@
   lbctl trace SRC:P VIP:P/proto  what the datapath does with a packet (its own code, no writes)
   lbctl cleanup                  remove everything lbctl created (every mode's objects)
   lbctl lab up|down              a small cluster in network namespaces
-  lbctl demo [--keep]            lab + agent + traffic + dump (what `make demo` runs)
+  lbctl demo [--keep] [--nodes N] [--kubernetes]   lab + agent + traffic + dump (`make demo`)
   lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
   lbctl bench --modes none,ebpf,iptables,nftables   the datapaths side by side, end to end
   lbctl render iptables|nftables kube-proxy's rules for the same manifests
@@ -325,7 +325,7 @@ def cmd_bench(args) -> int:
 def cmd_demo(args) -> int:
     from lbctl.cli.demo import run_demo
 
-    return run_demo(requests=args.requests, keep=args.keep)
+    return run_demo(requests=args.requests, keep=args.keep, nodes=args.nodes, kubernetes=args.kubernetes)
 
 
 def version() -> str:
@@ -472,6 +472,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="leave the lab and datapath up")
     demo.add_argument("--requests", type=argtypes.positive_int, default=300,
                       help="requests per service port (%(default)s)")
+    demo.add_argument("--nodes", type=argtypes.positive_int, default=1,
+                      help="lab nodes, each with its own agent; more than 1: web and dns also as "
+                           "NodePorts, reached from the outside client on every node (%(default)s)")
+    demo.add_argument("--kubernetes", action="store_true",
+                      help="the real control plane too (`make k8s-bins`): the agent runs --source "
+                           "kubernetes, and a Service is made with kubectl (`make demo-k8s`)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser(
