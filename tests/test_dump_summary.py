@@ -216,3 +216,17 @@ def test_dump_maps_prints_collect_as_json_or_as_the_table(programmed, monkeypatc
         assert printed["drops"]["itp_local"] == 4 and printed["netfilter"]["drop"]["packets"] == 5
     else:
         assert out.rstrip("\n") == dump.format_table(state)
+
+
+def test_socket_lb_links_are_grouped_per_cgroup():
+    """sock.attachments() gives one row per pinned link; dump shows one line per cgroup with
+    every hook attached there (it printed one empty line per link before)."""
+    from lbctl.datapath.ebpf import dump as dump_mod
+
+    rows = [{"hook": hook, "program": f"lb_{hook}", "cgroup": "/sys/fs/cgroup/unified/n0", "link_id": i,
+             "prog_id": 10 + i} for i, hook in enumerate(("connect4", "sendmsg4", "recvmsg4"))]
+    rows.append({"hook": "connect4", "program": "lb_connect4", "cgroup": "(removed)", "link_id": 9, "prog_id": 19})
+    assert dump_mod.group_by_cgroup(rows) == [
+        {"cgroup": "/sys/fs/cgroup/unified/n0",
+         "programs": ["connect4 lb_connect4", "sendmsg4 lb_sendmsg4", "recvmsg4 lb_recvmsg4"]},
+        {"cgroup": "(removed)", "programs": ["connect4 lb_connect4"]}]

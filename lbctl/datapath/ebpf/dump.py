@@ -281,14 +281,19 @@ _TC_PROGRAM = re.compile(r" id \d+ name (\S+)")
 
 
 def _cgroup_attachments(pin_dir: str) -> list[dict]:
-    """Socket-level load balancing's cgroup attachments: lbctl.datapath.ebpf.sock reports them
-    (``attachments(pin_dir)``, a list of {"cgroup", "programs"}) where it is part of lbctl."""
-    try:
-        from lbctl.datapath.ebpf import sock
-    except ImportError:
-        return []
-    report = getattr(sock, "attachments", None)
-    return list(report(pin_dir)) if report is not None else []
+    """Socket-level load balancing's attachments grouped per cgroup: {"cgroup", "programs"}
+    with one "<hook> <program>" per pinned link (lbctl.datapath.ebpf.sock reports a row per
+    link)."""
+    from lbctl.datapath.ebpf import sock
+
+    return group_by_cgroup(sock.attachments(pin_dir))
+
+
+def group_by_cgroup(rows: list[dict]) -> list[dict]:
+    groups: dict[str, list[str]] = {}
+    for row in rows:
+        groups.setdefault(str(row["cgroup"]), []).append(f"{row['hook']} {row['program']}")
+    return [{"cgroup": cgroup, "programs": programs} for cgroup, programs in groups.items()]
 
 
 def _plain(row: ServiceRow) -> dict:
