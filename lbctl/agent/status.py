@@ -128,6 +128,103 @@ def no_local_endpoints(ports: Sequence[ServicePortInfo], node_name: str) -> tupl
     return internal, external
 
 
+class _PortFacts:
+    """What one service port adds to the counts, the no-local count and the change count."""
+
+    __slots__ = ("info", "key", "proxied", "frontends", "backends", "internal", "external")
+
+    def __init__(self, info: ServicePortInfo, node_name: str) -> None:
+        self.info = info                    # kept: the observer knows it by id()
+        self.key = info.service.key
+        view = common.service_port_view(info, 4)
+        self.proxied = view is not None
+        self.frontends = 0
+        self.backends: tuple[tuple[str, int, str], ...] = ()
+        self.internal = self.external = 0
+        if view is None:
+            return
+        self.frontends = 1 + (1 if view.node_port else 0) + len(view.external_ips) + len(view.load_balancer_vips)
+        self.backends = tuple((e.address, e.port, info.port.protocol.value) for e in info.endpoints)
+        found = common.categorize_endpoints(view, common.endpoint_views(info, 4, node_name))
+        if found.has_any and not found.local:
+            self.internal = int(view.internal_policy_local)
+            self.external = int(view.external_policy_local)
+
+
+class StatusObserver:
+    """``counts``, ``changes`` and ``no_local_endpoints`` of each new desired state, at the cost of
+    what changed. The desired-state caches hand back the same ServicePortInfo objects for what
+    did not change, so each port's facts are kept by the object's identity and only new objects
+    are looked at; each service's ports are kept as a tuple of identities, and a service whose
+    tuple is the same (the same objects, in the same order) changed nothing. The results are
+    exactly those of the functions above on the same sequences."""
+
+    def __init__(self, node_name: str = "") -> None:
+        self.node_name = node_name
+        self._facts: dict[int, _PortFacts] = {}
+        self._groups: dict[str, tuple[int, ...]] | None = None     # None: no state seen yet
+        self._services: dict[str, int] = {}     # service -> its proxied ports (> 0)
+        self._backends: dict[tuple[str, int, str], int] = {}     # backend -> how many ports list it
+        self._service_ports = self._frontends = self._internal = self._external = 0
+
+    def update(self, ports: Sequence[ServicePortInfo]) -> tuple[dict[str, int], tuple[int, int], tuple[int, int]]:
+        """(counts, (service changes, endpoint changes) since the last update, (internal,
+        external) service ports without local endpoints) of ``ports``."""
+        facts = self._facts
+        # Facts hold their object, so no object the last state had can be freed and its id
+        # taken by a new one while it is here: an id found here is the same object.
+        new_groups: dict[str, list[int]] = {}
+        for info in ports:
+            pid = id(info)
+            fact = facts.get(pid)
+            if fact is None:
+                fact = facts[pid] = _PortFacts(info, self.node_name)
+            new_groups.setdefault(fact.key, []).append(pid)
+        first = self._groups is None
+        old_groups = self._groups or {}
+        groups = {k: tuple(v) for k, v in new_groups.items()}
+        service_changes = endpoint_changes = 0
+        dead: set[int] = set()
+        for key in old_groups.keys() | groups.keys():
+            before, after = old_groups.get(key, ()), groups.get(key, ())
+            if before == after and not first:
+                continue
+            old_infos = [facts[pid].info for pid in before]
+            new_infos = [facts[pid].info for pid in after]
+            service_changes += (old_infos[-1].service if old_infos else None) != \
+                (new_infos[-1].service if new_infos else None)
+            endpoint_changes += ([(i.port.name, i.endpoints) for i in old_infos] or None) != \
+                ([(i.port.name, i.endpoints) for i in new_infos] or None)
+            for pid in before:
+                self._account(facts[pid], -1)
+            for pid in after:
+                self._account(facts[pid], +1)
+            dead.update(set(before) - set(after))    # an object lives in its service's group only
+        for pid in dead:
+            del facts[pid]
+        self._groups = groups
+        counts = {"services": len(self._services), "service_ports": self._service_ports,
+                  "frontends": self._frontends, "backends": len(self._backends)}
+        return counts, (service_changes, endpoint_changes), (self._internal, self._external)
+
+    def _account(self, fact: _PortFacts, sign: int) -> None:
+        if not fact.proxied:
+            return
+        services = self._services
+        services[fact.key] = services.get(fact.key, 0) + sign
+        if not services[fact.key]:
+            del services[fact.key]
+        self._service_ports += sign
+        self._frontends += sign * fact.frontends
+        self._internal += sign * fact.internal
+        self._external += sign * fact.external
+        backends = self._backends
+        for backend in fact.backends:
+            backends[backend] = backends.get(backend, 0) + sign
+            if not backends[backend]:
+                del backends[backend]
+
+
 # --- the agent's side ------------------------------------------------------------------------------
 
 
@@ -155,6 +252,7 @@ class Operations:
         self.problems: list[str] = []
         self.servers: list = []              # the HTTP listeners (health.ListenerWithRetry), stopped with us
         self._ports: Sequence[ServicePortInfo] | None = None
+        self._observer = StatusObserver(node_name)     # counts, changes, no-local: at the cost of what changed
         self._triggers: list[float] = []
         if health is not None:
             # kube-proxy at start: Updated (in case no sync ever succeeds) and, as its informers
@@ -176,12 +274,11 @@ class Operations:
         self.syncs[kind] = self.syncs.get(kind, 0) + 1
         self.problems = sorted(set(problems))
         if ports is not None:
-            service_changes, endpoint_changes = changes(self._ports, ports)
+            self.counts, (service_changes, endpoint_changes), no_local = self._observer.update(ports)
             self._ports = ports
-            self.counts = counts(ports)
             if self.metrics is not None:
                 self.metrics.changes(service_changes, endpoint_changes)
-                self.metrics.no_local(*no_local_endpoints(ports, self.node_name))
+                self.metrics.no_local(*no_local)
         if self.service_health is not None and self._ports is not None:
             self.service_health.sync(self._ports)
         if ok:
