@@ -160,3 +160,16 @@ def _remove_what_iptables_nft_made(chains_before: set[str] | None, ns: str | Non
         return
     for chain in chains - (chains_before or set()) - used:
         subprocess.run(_on(ns, ["nft", "delete", "chain", "ip", "filter", chain]), check=False)
+
+
+def masquerade_ports(proto: str, source: str, destination: str, ns: str | None = None) -> list[int]:
+    """The reply direction's destination port of each of the node's conntrack entries of `proto`
+    flows from `source` to `destination`: the port source NAT gave the flow (its own if none)."""
+    done = subprocess.run(_on(ns, ["conntrack", "-L", "-p", proto, "-s", source, "-d", destination]),
+                          capture_output=True, text=True, check=True)
+    ports = []
+    for line in done.stdout.splitlines():
+        dports = [int(f.split("=")[1]) for f in line.split() if f.startswith("dport=")]
+        if len(dports) == 2:
+            ports.append(dports[1])
+    return ports

@@ -44,13 +44,15 @@ class ProxySettings:
     --nodeport-addresses CIDRs or ("primary",), () = every local IPv4 address of the node, as
     iptables mode; ``cluster_cidr``: --cluster-cidr (ClusterIP traffic from outside it is
     masqueraded, uplink traffic from inside it is internal); ``masquerade_bit``: the mark bit
-    of traffic to masquerade (14: 0x4000)."""
+    of traffic to masquerade (14: 0x4000); ``node_port_range``: kube-apiserver's
+--service-node-port-range, which the masquerade's source ports stay out of (lbctl.datapath.ebpf.rules)."""
 
     node_ips: tuple[str, ...] = ()
     nodeport_addresses: tuple[str, ...] = ()
     cluster_cidr: str | None = None
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    node_port_range: tuple[int, int] = (30000, 32767)   # --service-node-port-range: masquerade ports avoid it
 
     @property
     def masquerade_mark(self) -> int:
@@ -151,7 +153,8 @@ class EbpfMode:
         self._switched = False
         self._write_config()
         self.rules = rules.MarkRuleSet(rules.MarkRules(rules.table_name(self.cfg.pin_dir),
-                                                       self.settings.masquerade_mark, self.settings.drop_mark),
+                                                       self.settings.masquerade_mark, self.settings.drop_mark,
+                                                       rules.masquerade_ports(self.settings.node_port_range)),
                                        self._runner)
         try:
             self.rules.ensure()

@@ -8,12 +8,21 @@ as kube-proxy's KUBE-POSTROUTING and KUBE-MARK-DROP did:
 
     table ip lbctl {
         chain masquerading {      # nat postrouting, just before iptables' nat POSTROUTING
-            meta mark & M == M meta mark set meta mark ^ M counter masquerade fully-random
+            meta l4proto { tcp, udp } meta mark & M == M meta mark set meta mark ^ M counter
+                masquerade to :32768-65535 fully-random
         }
         chain dropping {          # prerouting, before conntrack: no entry for a dropped packet
             meta mark & D == D counter drop
         }
     }
+
+The masquerade picks its source ports outside the NodePort range (--service-node-port-range,
+30000-32767: ports 32768-65535), as a node's own ephemeral ports are kept out of it. The uplink's
+XDP program sees every packet before netfilter's conntrack does: a backend's answer to a
+masqueraded flow whose port happened to be a NodePort (UDP: one answer in about 1,100 to a
+service with one UDP NodePort) would look like a new NodePort flow, be balanced again and never
+reach its client. kube-proxy's rules never meet it: nat chains see only a flow's first packet.
+The datapath marks only TCP and UDP (the protocols it balances), which the port mapping needs.
 
 Why nftables and a table of our own rather than iptables rules: the table is created, replaced
 and deleted in one transaction (``nft -f``), it touches no chain another tool owns, and it
@@ -46,6 +55,19 @@ MASQUERADE_COMMENT = "lbctl: masquerade service traffic the datapath marked"
 DROP_COMMENT = "lbctl: drop service traffic the datapath marked"
 
 
+def masquerade_ports(node_port_range: tuple[int, int]) -> tuple[int, int]:
+    """The source ports the masquerade picks: the larger run of 1024-65535 outside the NodePort
+    range (the ports above it, 32768-65535, for kube-apiserver's default 30000-32767)."""
+    low, high = node_port_range
+    above = (max(high + 1, 1024), 65535)
+    below = (1024, low - 1)
+    runs = [r for r in (above, below) if r[1] - r[0] >= 0]
+    if not runs:
+        raise ValueError(f"NodePort range {low}-{high} leaves no source port for the masquerade "
+                         "(1024-65535 all NodePorts)")
+    return max(runs, key=lambda r: r[1] - r[0])
+
+
 def table_name(pin_dir: str) -> str:
     """"lbctl", or "lbctl-<pin dir name>" for another instance (tests, the demo), so that each
     removes only its own table."""
@@ -61,16 +83,18 @@ class MarkRules:
     table: str = TABLE
     masquerade_mark: int = 0x4000
     drop_mark: int = 0x8000
+    masquerade_ports: tuple[int, int] = (32768, 65535)    # masquerade_ports(the NodePort range)
 
     def ruleset(self) -> str:
         """The table as ``nft -f`` reads it."""
         masq, drop = f"{self.masquerade_mark:#010x}", f"{self.drop_mark:#010x}"
+        low, high = self.masquerade_ports
         return (
             f"table ip {self.table} {{\n"
             f"\tchain {MASQUERADE_CHAIN} {{\n"
             f"\t\ttype nat hook postrouting priority srcnat - 1; policy accept;\n"
-            f"\t\tmeta mark & {masq} == {masq} meta mark set meta mark ^ {masq} counter "
-            f"masquerade fully-random comment \"{MASQUERADE_COMMENT}\"\n"
+            f"\t\tmeta l4proto {{ tcp, udp }} meta mark & {masq} == {masq} meta mark set meta mark ^ {masq} "
+            f"counter masquerade to :{low}-{high} fully-random comment \"{MASQUERADE_COMMENT}\"\n"
             f"\t}}\n"
             f"\tchain {DROP_CHAIN} {{\n"
             f"\t\ttype filter hook prerouting priority raw; policy accept;\n"
