@@ -66,6 +66,16 @@ def test_each_flag_reaches_its_field():
     assert s.masquerade_mark == 0x200
 
 
+def test_service_node_port_range_reaches_the_masquerade_ports():
+    """The mark rule's masquerade picks ports outside the NodePort range: the flag's range, not
+    the default one."""
+    from lbctl.datapath.ebpf import rules
+
+    s = settings_from("--node-ip", "192.0.2.2", "--service-node-port-range", "40000-40999")
+    assert s.node_port_range == (40000, 40999)
+    assert rules.masquerade_ports(s.node_port_range) != rules.masquerade_ports(ProxySettings().node_port_range)
+
+
 def test_build_mode_gives_the_ebpf_mode_these_settings():
     mode = cli.build_mode(run_args("--node-ip", "192.0.2.2", "--masquerade-bit", "3", "--uplink-devices", "none"))
     assert isinstance(mode, EbpfMode)
