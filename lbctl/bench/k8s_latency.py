@@ -197,35 +197,59 @@ def bulk_client(kubeconfig: str, workers: int) -> Any:
     cfg = client.Configuration()
     config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     cfg.connection_pool_maxsize = workers
+    cfg.retries = 0      # retried here, counted and named (urllib3 would resend a POST silently)
     return client.ApiClient(cfg)
 
 
-def _with_retries(call: Callable[[], Any], ok_status: int) -> None:
-    """call(), again on 429/5xx or a dropped connection (5 tries); `ok_status` counts as done
-    (409 for a create of what exists, 404 for a delete of what is gone)."""
+def _consume(response: Any) -> None:
+    """Read a raw (_preload_content=False) answer to its end and give its connection back: a
+    connection released with its body unread would hand the next request a stale answer."""
+    response.read()
+    response.release_conn()
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """What apply_objects did: seconds, requests and how many were retried (and why, first)."""
+
+    seconds: float
+    requests: int
+    retries: int
+    first_retry: str = ""
+
+
+def _with_retries(call: Callable[[], Any], ok_status: int, done: Callable[[], bool],
+                  why: list[str]) -> int:
+    """call(), again on 429/5xx or a dropped connection (5 tries); returns the retries.
+    `ok_status` counts as done (409 for a create of what exists, 404 for a delete of what is
+    gone), and so does any refusal when done() says an earlier try did it (a create whose answer
+    was lost: its retry is refused "clusterIP already allocated", 422)."""
     from kubernetes.client.exceptions import ApiException
     from urllib3.exceptions import HTTPError
 
     for attempt in range(5):
         try:
-            call().release_conn()
-            return
+            _consume(call())
+            return attempt
         except ApiException as exc:
-            if exc.status == ok_status:
-                return
+            if exc.status == ok_status or done():
+                return attempt
             if exc.status != 429 and exc.status < 500 or attempt == 4:
                 raise
-        except HTTPError:
+            why.append(f"{exc.status} {exc.reason}")
+        except HTTPError as exc:
             if attempt == 4:
                 raise
+            why.append(repr(exc))
         time.sleep(0.2 * 2 ** attempt)
+    raise AssertionError("unreachable")
 
 
 def apply_objects(kubeconfig: str, pairs: Sequence[tuple[dict, dict]], *, delete: bool = False,
-                  workers: int = 16) -> float:
+                  workers: int = 16) -> Bulk:
     """Create (or delete) each (Service, EndpointSlice) pair on a pool of `workers` threads, each
     pair by one worker, the Service first on create and last on delete. Returns the seconds it
-    took. Picklable arguments: it runs in a process of its own where the caller's threads would
+    took (Bulk). Picklable arguments: it runs in a process of its own where the caller's threads would
     share its interpreter (``in_subprocess``)."""
     from kubernetes import client
 
@@ -233,27 +257,41 @@ def apply_objects(kubeconfig: str, pairs: Sequence[tuple[dict, dict]], *, delete
     core: Any = client.CoreV1Api(api)      # typed Any: bodies are plain dicts, as the API takes
     discovery: Any = client.DiscoveryV1Api(api)
 
-    def one(pair: tuple[dict, dict]) -> None:
+    def exists(read: Callable[[], Any]) -> bool:
+        from kubernetes.client.exceptions import ApiException
+        try:
+            _consume(read())
+            return True
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+
+    why: list[str] = []
+
+    def one(pair: tuple[dict, dict]) -> int:
         service, slice_ = pair
-        ns = service["metadata"]["namespace"]
+        ns, name, slice_name = (service["metadata"]["namespace"], service["metadata"]["name"],
+                                slice_["metadata"]["name"])
+        read_service = lambda: core.read_namespaced_service(name, ns, _preload_content=False)
+        read_slice = lambda: discovery.read_namespaced_endpoint_slice(slice_name, ns, _preload_content=False)
         if delete:
-            _with_retries(lambda: discovery.delete_namespaced_endpoint_slice(
-                slice_["metadata"]["name"], ns, _preload_content=False), 404)
-            _with_retries(lambda: core.delete_namespaced_service(
-                service["metadata"]["name"], ns, _preload_content=False), 404)
-        else:
-            _with_retries(lambda: core.create_namespaced_service(ns, service, _preload_content=False), 409)
-            _with_retries(lambda: discovery.create_namespaced_endpoint_slice(
-                ns, slice_, _preload_content=False), 409)
+            return (_with_retries(lambda: discovery.delete_namespaced_endpoint_slice(
+                        slice_name, ns, _preload_content=False), 404, lambda: not exists(read_slice), why)
+                    + _with_retries(lambda: core.delete_namespaced_service(
+                        name, ns, _preload_content=False), 404, lambda: not exists(read_service), why))
+        return (_with_retries(lambda: core.create_namespaced_service(ns, service, _preload_content=False),
+                              409, lambda: exists(read_service), why)
+                + _with_retries(lambda: discovery.create_namespaced_endpoint_slice(
+                    ns, slice_, _preload_content=False), 409, lambda: exists(read_slice), why))
 
     started = time.monotonic()
     try:
         with ThreadPoolExecutor(workers) as pool:
-            for _ in pool.map(one, pairs):
-                pass
+            retries = sum(pool.map(one, pairs))
     finally:
         api.close()
-    return time.monotonic() - started
+    return Bulk(time.monotonic() - started, 2 * len(pairs), retries, why[0] if why else "")
 
 
 def in_subprocess(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -497,6 +535,7 @@ class Row:
     created: int = 0                   # synthetic services created for this row
     create_seconds: float = 0.0
     create_per_second: float = 0.0     # objects (Service + EndpointSlice) per second
+    create_retries: int = 0            # requests retried (429, 5xx, a dropped connection)
     converge_seconds: float = 0.0      # creation start -> every frontend in the maps
     changes: list[Change] = field(default_factory=list)
     summary: dict[str, dict] = field(default_factory=dict)
@@ -589,10 +628,12 @@ def grow(row: Row, have: int, want: int, kubeconfig: str, spec: LatencySpec, rea
     if pairs:
         progress(f"[{row.services:,} services] creating {len(pairs):,} Services and their "
                  f"EndpointSlices ({spec.workers} writers)...")
-        row.create_seconds = apply_objects(kubeconfig, pairs, workers=spec.workers)
-        row.create_per_second = 2 * len(pairs) / row.create_seconds
+        bulk = apply_objects(kubeconfig, pairs, workers=spec.workers)
+        row.create_seconds, row.create_retries = bulk.seconds, bulk.retries
+        row.create_per_second = bulk.requests / bulk.seconds
         progress(f"[{row.services:,} services] created in {row.create_seconds:.1f} s "
-                 f"({row.create_per_second:,.0f} objects/s)")
+                 f"({row.create_per_second:,.0f} objects/s" + (f"; {bulk.retries} retried, first: {bulk.first_retry}"
+                                                              if bulk.retries else "") + ")")
     vips = [synthetic_vip(i) for i in range(want)]
 
     def all_in() -> bool:
