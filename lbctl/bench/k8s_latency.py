@@ -10,9 +10,12 @@ process of its own (eBPF mode, on the lab's host veths only, its own pin dir), a
                  EndpointSlice each with one endpoint in 10.128.0.0/12 (no pod has those):
                  they are there to be stored and walked past, N-1 of them
 
-For each number of services N (the synthetic ones are created through the API server as fast as
-it accepts them, by a thread pool of the official client; the creation rate and the time until
-every frontend is in the maps are printed), K endpoint changes: a web pod's Ready condition is
+For each number of services N, in increasing order: the synthetic services still missing are
+created through the API server as fast as it accepts them, by a thread pool of the official
+client, while no agent runs (the rate printed is the API server's; an agent taking in a burst
+is tests/test_k8s_burst.py's subject); then the agent is started on an empty datapath and the
+time until every frontend is in the maps is printed (its first list and sync at N); then K
+endpoint changes, and the agent is stopped (it detaches and unpins). A change: a web pod's Ready condition is
 flipped through the pod's status subresource (what a kubelet's readiness probe does), False then
 True, cycling over the three pods, one change at a time. For each change, from the moment the
 write is sent (t0):
@@ -536,7 +539,7 @@ class Row:
     create_seconds: float = 0.0
     create_per_second: float = 0.0     # objects (Service + EndpointSlice) per second
     create_retries: int = 0            # requests retried (429, 5xx, a dropped connection)
-    converge_seconds: float = 0.0      # creation start -> every frontend in the maps
+    converge_seconds: float = 0.0      # agent start -> every frontend in the maps
     changes: list[Change] = field(default_factory=list)
     summary: dict[str, dict] = field(default_factory=dict)
     histogram: dict[str, Any] = field(default_factory=dict)   # the metric at the row's end
@@ -574,25 +577,25 @@ def run_latency(spec: LatencySpec, progress: Progress = print, work_dir: Path | 
         cp.kubectl("create", "namespace", SYNTHETIC_NAMESPACE)
         pods = {name: state.pods[name].ip for name in ("web-0", "web-1", "web-2")}
         with tempfile.TemporaryDirectory(prefix="lbctl-bench-k8s-") as tmp:
-            log_path = (work_dir or Path(tmp)) / "agent.log"
-            agent = AgentProcess(kubeconfig, spec, log_path)
-            progress(f"control plane up, agent started (log {log_path}) in {time.monotonic() - started:.1f} s")
-            wait_until(lambda: agent.synced_once(), 120.0, "the agent's first sync")
-            with FrontendReader(spec.pin_dir) as reader:
-                web_backends = sorted(f"{ip}:{TARGET_PORT}" for ip in pods.values())
-                wait_until(lambda: reader.backends(spec.web_vip, SERVICE_PORT) == web_backends,
-                           60.0, "default/web's three pods in the maps")
-                probe = Probe(state.pods["client-0"].ns, f"{spec.web_vip}:{SERVICE_PORT}",
-                              max_seconds=3600.0)
-                have = 0
-                for n in counts:
-                    row = Row(services=n)
-                    report.rows.append(row)
-                    grow(row, have, n - 1, kubeconfig, spec, reader, agent, progress)
-                    have = n - 1
-                    measure_changes(row, cp, state, pods, spec, reader, agent, probe, progress)
+            logs = work_dir or Path(tmp)
+            progress(f"control plane up in {time.monotonic() - started:.1f} s")
+            probe = Probe(state.pods["client-0"].ns, f"{spec.web_vip}:{SERVICE_PORT}", max_seconds=3600.0)
+            have = 0
+            for n in counts:
+                row = Row(services=n)
+                report.rows.append(row)
+                create(row, have, n - 1, kubeconfig, spec, progress)
+                have = n - 1
+                agent = AgentProcess(kubeconfig, spec, logs / f"agent-{n}.log")
+                try:
+                    converge(row, agent, pods, spec, progress)
+                    with FrontendReader(spec.pin_dir) as reader:
+                        measure_changes(row, cp, state, pods, spec, reader, agent, probe, progress)
                     row.histogram = agent.histogram()
-                    progress(format_row(row))
+                finally:
+                    agent.stop()
+                    agent = None
+                progress(format_row(row))
         if not any(c.metric_seconds is not None for r in report.rows for c in r.changes):
             report.metric_note = (f"{METRIC} observed nothing: the agent's source gives no "
                                   "EndpointSlice trigger times (endpoints.kubernetes.io/"
@@ -618,32 +621,38 @@ def wait_until(probe: Callable[[], Any], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
-def grow(row: Row, have: int, want: int, kubeconfig: str, spec: LatencySpec, reader: FrontendReader,
-         agent: AgentProcess, progress: Progress) -> None:
-    """Create synthetic services have..want-1 as fast as the API server takes them, then wait
-    until every synthetic frontend is in the maps."""
+def create(row: Row, have: int, want: int, kubeconfig: str, spec: LatencySpec, progress: Progress) -> None:
+    """Create synthetic services have..want-1 as fast as the API server takes them (no agent
+    runs meanwhile: the rate is the API server's on this machine)."""
     pairs = synthetic_objects(SYNTHETIC_NAMESPACE, have, want - have)
     row.created = len(pairs)
+    if not pairs:
+        return
+    progress(f"[{row.services:,} services] creating {len(pairs):,} Services and their "
+             f"EndpointSlices ({spec.workers} writers)...")
+    bulk = apply_objects(kubeconfig, pairs, workers=spec.workers)
+    row.create_seconds, row.create_retries = bulk.seconds, bulk.retries
+    row.create_per_second = bulk.requests / bulk.seconds
+    progress(f"[{row.services:,} services] created in {row.create_seconds:.1f} s "
+             f"({row.create_per_second:,.0f} objects/s" + (f"; {bulk.retries} retried, first: {bulk.first_retry}"
+                                                          if bulk.retries else "") + ")")
+
+
+def converge(row: Row, agent: AgentProcess, pods: dict[str, str], spec: LatencySpec, progress: Progress) -> None:
+    """From the agent's start until every frontend is in the maps (its first list and sync)."""
     started = time.monotonic()
-    if pairs:
-        progress(f"[{row.services:,} services] creating {len(pairs):,} Services and their "
-                 f"EndpointSlices ({spec.workers} writers)...")
-        bulk = apply_objects(kubeconfig, pairs, workers=spec.workers)
-        row.create_seconds, row.create_retries = bulk.seconds, bulk.retries
-        row.create_per_second = bulk.requests / bulk.seconds
-        progress(f"[{row.services:,} services] created in {row.create_seconds:.1f} s "
-                 f"({row.create_per_second:,.0f} objects/s" + (f"; {bulk.retries} retried, first: {bulk.first_retry}"
-                                                              if bulk.retries else "") + ")")
-    vips = [synthetic_vip(i) for i in range(want)]
-
-    def all_in() -> bool:
-        agent.check()
-        return all(reader.has(vip, SERVICE_PORT) for vip in vips)
-
-    wait_until(all_in, 300.0, f"{want:,} synthetic frontends in the maps", interval=0.2)
+    wait_until(agent.synced_once, 300.0, "the agent's first sync")
+    vips = [synthetic_vip(i) for i in range(row.services - 1)]
+    web = sorted(f"{ip}:{TARGET_PORT}" for ip in pods.values())
+    with FrontendReader(spec.pin_dir) as reader:
+        def all_in() -> bool:
+            agent.check()
+            return (reader.backends(spec.web_vip, SERVICE_PORT) == web
+                    and all(reader.has(vip, SERVICE_PORT) for vip in vips))
+        wait_until(all_in, 300.0, f"{row.services:,} frontends in the maps", interval=0.2)
     row.converge_seconds = time.monotonic() - started
-    progress(f"[{row.services:,} services] every frontend in the maps {row.converge_seconds:.1f} s "
-             f"after the creation started")
+    progress(f"[{row.services:,} services] agent started; every frontend in the maps after "
+             f"{row.converge_seconds:.1f} s")
 
 
 def pod_ready_patch(ready: bool) -> dict:
