@@ -141,10 +141,14 @@ def wanted(cp, node: str) -> dict[str, list[str]]:
 
 
 def converge(cp, node: str, started: float, what: str) -> dict[str, list[str]]:
-    """Until the maps equal a fresh list's desired state; prints how long after `started`."""
+    """Until the maps equal a fresh list's desired state; prints how long after `started` (the
+    burst's first write) and after the list (taken once the burst's last write was answered)."""
+    listed = time.monotonic()
     want = wanted(cp, node)
     wait_for(lambda: programmed()[0] == want, CONVERGE, interval=0.5, what=f"the maps to hold {what}")
-    print(f"\n{what}: maps equal the desired state {time.monotonic() - started:.1f} s after the burst started")
+    now = time.monotonic()
+    print(f"\n{what}: maps equal the desired state {now - started:.1f} s after the burst started, "
+          f"{now - listed:.1f} s after its last write")
     state = wanted(cp, node)           # and a list taken after that says the same
     assert programmed()[0] == state
     return state
