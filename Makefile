@@ -12,13 +12,14 @@ APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 ip
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes clean k8s-bins demo-k8s
+.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes bench-k8s clean k8s-bins demo-k8s
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
 	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
 	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
 	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
+	@echo "make bench-k8s   API server change -> maps -> traffic at 1,000 and 10,000 services (real control plane)"
 	@echo "make lint        ruff and mypy (make test runs them first)"
 	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
 	@echo "make k8s-bins    build etcd, kube-apiserver, kube-controller-manager, kube-proxy (once, cached)"
@@ -81,6 +82,11 @@ bench-quick: setup
 
 bench-modes: setup
 	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --nodes 2 --plot out/bench-modes.png
+
+# JSON (every sample) and plot in out/; BENCH_K8S_ARGS="--services 1000 --changes 10" to shorten.
+BENCH_K8S_ARGS ?=
+bench-k8s: setup k8s-bins
+	$(VENV)/bin/lbctl bench --k8s-latency --out-dir out $(BENCH_K8S_ARGS)
 
 # The real Kubernetes control plane, built from Go modules (hack/k8s, hack/etcd) once per machine
 # into ~/.cache/lbctl/k8s-<version>/; KUBEBUILDER_ASSETS with the binaries skips the build.

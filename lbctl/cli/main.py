@@ -9,6 +9,7 @@
   lbctl demo [--keep] [--nodes N] [--kubernetes]   lab + agent + traffic + dump (`make demo`)
   lbctl bench                    ns/packet through BPF_PROG_TEST_RUN
   lbctl bench --modes none,ebpf,iptables,nftables   the datapaths side by side, end to end
+  lbctl bench --k8s-latency      API server change -> maps -> traffic, at 1,000 and 10,000 services
   lbctl render iptables|nftables kube-proxy's rules for the same manifests
 """
 from __future__ import annotations
@@ -312,7 +313,14 @@ def cmd_cleanup(args) -> int:
 
 def cmd_bench(args) -> int:
     """`lbctl bench`: the tc program through BPF_PROG_TEST_RUN, or with --modes every datapath
-    end to end (lbctl.bench.modes)."""
+    end to end (lbctl.bench.modes), or with --k8s-latency how long a change in the API server
+    takes to reach the datapath (lbctl.bench.k8s_latency)."""
+    if args.k8s_latency:
+        if args.modes:
+            print("lbctl bench: --k8s-latency and --modes are two benchmarks; give one", file=sys.stderr)
+            return 2
+        from lbctl.bench.k8s_latency import cmd_bench_k8s_latency
+        return cmd_bench_k8s_latency(args)
     if args.modes:
         from lbctl.bench.modes import cmd_bench_modes
         return cmd_bench_modes(args)
@@ -485,7 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "through each datapath (none, ebpf, iptables, nftables) side by side")
     bench.add_argument("--services", type=argtypes.counts, default=None,
                        help="comma-separated service counts (default 10,100000; with --modes "
-                            "10,1000,10000)")
+                            "10,1000,10000; with --k8s-latency 1000,10000)")
     bench.add_argument("--backends", type=argtypes.positive_int, default=2,
                        help="backends per service (BPF_PROG_TEST_RUN bench)")
     bench.add_argument("--repeat", type=argtypes.positive_int, default=200_000,
@@ -513,6 +521,18 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--nodes", type=argtypes.positive_int, default=1,
                        help="lab nodes (%(default)s: the root namespace is the node); 2: clients on "
                             "node 0, backends on node 1, plus NodePort from outside to node 0")
+    k8s = bench.add_argument_group(
+        "change to datapath (--k8s-latency): a lab, a real control plane (`make k8s-bins`) and "
+        "`lbctl run --source kubernetes`; pod Ready flips through the API server, timed to the "
+        "maps, to a client's traffic and by the agent's network-programming metric")
+    k8s.add_argument("--k8s-latency", action="store_true",
+                     help="run this benchmark (JSON and plot in --out-dir)")
+    k8s.add_argument("--changes", type=argtypes.positive_int, default=20,
+                     help="endpoint changes per service count (%(default)s)")
+    k8s.add_argument("--change-timeout", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
+                     help="give up on a change after this long (%(default)s)")
+    k8s.add_argument("--out-dir", default="out",
+                     help="where the JSON (raw samples) and the plot go (%(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     from lbctl.cli import render as render_cmd
