@@ -188,7 +188,10 @@ def test_lbctl_run_operated_like_kube_proxy(node_ns, tmp_path, mode):
         if mode == "ebpf":
             assert mode_of(pin_dir) == 0o700
             pins = os.listdir(pin_dir)
-            assert "lb4_services" in pins and all(mode_of(os.path.join(pin_dir, p)) == 0o600 for p in pins)
+            assert "lb4_services" in pins
+            for root, dirs, files in os.walk(pin_dir):   # programs-<digest>/: the adopted programs
+                assert all(mode_of(os.path.join(root, d)) == 0o700 for d in dirs), dirs
+                assert all(mode_of(os.path.join(root, f)) == 0o600 for f in files), (root, files)
 
         (manifests / "web-lb.yaml").unlink()
         (manifests / "web-lb-slice.yaml").unlink()

@@ -106,8 +106,9 @@ def test_ruleset_carries_the_marks_table_hooks_and_comments():
     assert lines[0] == "table ip lbctl-x {"
     masq = lines.index(f"chain {rules.MASQUERADE_CHAIN} {{")
     assert lines[masq + 1] == "type nat hook postrouting priority srcnat - 1; policy accept;"
-    assert lines[masq + 2] == ("meta mark & 0x00000020 == 0x00000020 meta mark set meta mark ^ "
-                               "0x00000020 counter masquerade fully-random "
+    assert lines[masq + 2] == ("meta l4proto { tcp, udp } meta mark & 0x00000020 == 0x00000020 "
+                               "meta mark set meta mark ^ 0x00000020 counter masquerade to "
+                               ":32768-65535 fully-random "
                                f"comment \"{rules.MASQUERADE_COMMENT}\"")
     drop = lines.index(f"chain {rules.DROP_CHAIN} {{")
     assert lines[drop + 1] == "type filter hook prerouting priority raw; policy accept;"

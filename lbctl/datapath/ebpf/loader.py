@@ -405,9 +405,10 @@ def pin_programs(datapath: EbpfDatapath, directory: str) -> None:
     pins of other builds. A failure only costs the next start a compile (logged)."""
     try:
         _remove_program_pins(datapath.cfg.pin_dir)
-        os.mkdir(directory)
+        os.mkdir(directory, 0o700)              # root only, as the map pins
         for function, fd in datapath.program_fds().items():
             obj_pin(fd, os.path.join(directory, function))
+            os.chmod(os.path.join(directory, function), 0o600)
     except OSError as exc:
         log.warning("could not pin the programs under %s (%s): the next start compiles them again",
                     directory, exc.strerror or exc)
