@@ -162,4 +162,4 @@ def proxy_settings(args):
     return ProxySettings(node_ips=node_ips, nodeport_addresses=nodeport_addresses(args),
                          cluster_cidr=args.cluster_cidr, masquerade_all=args.masquerade_all,
                          masquerade_bit=args.masquerade_bit,
-                         node_port_range=tuple(getattr(args, "service_node_port_range", (30000, 32767))))
+                         node_port_range=tuple(args.service_node_port_range))
