@@ -315,6 +315,14 @@ def cmd_bench(args) -> int:
     """`lbctl bench`: the tc program through BPF_PROG_TEST_RUN, or with --modes every datapath
     end to end (lbctl.bench.modes), or with --k8s-latency how long a change in the API server
     takes to reach the datapath (lbctl.bench.k8s_latency)."""
+    if args.compare:
+        if args.k8s_latency:
+            print("lbctl bench: --compare and --k8s-latency are two benchmarks; give one", file=sys.stderr)
+            return 2
+        from lbctl.bench.compare import cmd_bench_compare
+        return cmd_bench_compare(args)
+    if args.changes is None:
+        args.changes = 20
     if args.k8s_latency:
         if args.modes:
             print("lbctl bench: --k8s-latency and --modes are two benchmarks; give one", file=sys.stderr)
@@ -527,12 +535,29 @@ def build_parser() -> argparse.ArgumentParser:
         "maps, to a client's traffic and by the agent's network-programming metric")
     k8s.add_argument("--k8s-latency", action="store_true",
                      help="run this benchmark (JSON and plot in --out-dir)")
-    k8s.add_argument("--changes", type=argtypes.positive_int, default=20,
-                     help="endpoint changes per service count (%(default)s)")
+    k8s.add_argument("--changes", type=argtypes.positive_int, default=None,
+                     help="endpoint changes per service count (20; with --compare 5 per mode)")
     k8s.add_argument("--change-timeout", type=argtypes.positive_float, default=30.0, metavar="SECONDS",
                      help="give up on a change after this long (%(default)s)")
     k8s.add_argument("--out-dir", default="out",
                      help="where the JSON (raw samples) and the plot go (%(default)s)")
+    compare = bench.add_argument_group(
+        "against the real kube-proxy (--compare, `make bench`): a two-node lab, a real control "
+        "plane, nginx backends and tools/connload; modes direct, ebpf, kube-proxy-iptables, "
+        "kube-proxy-nftables, iptables, nftables (--modes chooses), one after another per "
+        "--services count (default 1,1000,10000)")
+    compare.add_argument("--compare", action="store_true",
+                         help="run this benchmark (JSON, markdown and plots in --out-dir)")
+    compare.add_argument("--endpoints", type=argtypes.positive_int, default=10,
+                         help="endpoints per service, one nginx pod each (%(default)s)")
+    compare.add_argument("--runs", type=argtypes.positive_int, default=3,
+                         help="fixed-rate and max-rate runs per mode and count (%(default)s)")
+    compare.add_argument("--rate", type=argtypes.positive_float, default=1000.0,
+                         help="offered new connections/s of the fixed-rate runs (%(default)s)")
+    compare.add_argument("--duration", type=argtypes.positive_float, default=4.0,
+                         help="seconds per run (%(default)s)")
+    compare.add_argument("--concurrency", type=argtypes.positive_int, default=16,
+                         help="connections in flight in the max-rate runs (%(default)s)")
     bench.set_defaults(func=cmd_bench)
 
     from lbctl.cli import render as render_cmd
