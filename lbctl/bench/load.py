@@ -12,7 +12,14 @@ samples too, for the JSON report next to each plot.
 
 wrk (Debian) measures the maximum rate of keep-alive or ``Connection: close`` requests, but has
 no fixed offered rate and no connect latency; connload has both, and its closed loop is the
-maximum rate of new connections.
+maximum rate of new connections. A caution measured with wrk -c 4 -t 2 -H 'Connection: close':
+wrk closes some connections itself before nginx's FIN arrives (about 6% here), so TIME_WAIT
+sockets pile up in the *client* namespace, ~14,000 after 30 s at 11,000/s. That fills the even
+half of the ephemeral port range, which connect() searches first; for the next 60 s every
+connect() from that namespace scans it (connload: 495/s and 2.4 ms connect p50 instead of
+10,000/s and 0.09 ms; wrk: 1,232/s). connload in http mode reads to EOF before it closes and
+leaves no TIME_WAIT in the client. Give wrk its own client namespace, or run it last, or wait
+until `ss -tan state time-wait` is empty there.
 
 nginx runs one worker (``worker_processes 1``), no access log unless asked, and answers every
 request with ``return STATUS "BODY"`` and ``Connection: close``, so the server closes first and
