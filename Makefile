@@ -8,17 +8,21 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 KVER      := $(shell uname -r)
 KDIR      := /lib/modules/$(KVER)
-APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 iptables nftables ipset conntrack
+APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 iptables nftables ipset conntrack \
+             gcc libc6-dev nginx-light wrk
+CC        := gcc
+CONNLOAD  := build/connload
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes bench-k8s clean k8s-bins demo-k8s
+.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes bench-k8s bench-tools clean k8s-bins demo-k8s
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
 	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
 	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
 	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
+	@echo "make bench-tools build/connload, the C load generator the benchmarks run (tools/connload.c)"
 	@echo "make bench-k8s   API server change -> maps -> traffic at 1,000 and 10,000 services (real control plane)"
 	@echo "make lint        ruff and mypy (make test runs them first)"
 	@echo "make setup       only install (apt packages, kernel headers for bcc, virtualenv)"
@@ -71,7 +75,7 @@ lint: venv
 	$(VENV)/bin/ruff check lbctl tests
 	$(VENV)/bin/mypy
 
-test: setup lint k8s-bins
+test: setup lint k8s-bins bench-tools
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
 test-unit: venv
@@ -80,7 +84,14 @@ test-unit: venv
 bench-quick: setup
 	$(VENV)/bin/lbctl bench --services 10,100000 --plot out/bench-quick.png
 
-bench-modes: setup
+# The benchmarks' load: build/connload (fixed offered rate, connect latency, every sample), wrk
+# (maximum rate), nginx from Debian as the backends; no Python in the measured path.
+bench-tools: $(CONNLOAD)
+$(CONNLOAD): tools/connload.c | apt-deps
+	@mkdir -p $(@D)
+	$(CC) -O2 -Wall -Wextra -pthread -o $@ $< -lm
+
+bench-modes: setup bench-tools
 	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --nodes 2 --plot out/bench-modes.png
 
 # JSON (every sample) and plot in out/; BENCH_K8S_ARGS="--services 1000 --changes 10" to shorten.
@@ -94,4 +105,4 @@ k8s-bins:
 	@PATH="$$PATH:/usr/local/go/bin" hack/build-k8s.sh >/dev/null
 
 clean:
-	rm -rf $(VENV) *.egg-info out .pytest_cache
+	rm -rf $(VENV) *.egg-info out .pytest_cache build
