@@ -44,7 +44,10 @@ What the lab changes in the root namespace, each undone by lab_down:
     (removed with the last lab using them); per pod a veth pair, the gateway /32 on the host
     end, a route to the pod IP/32; IPv6 off on both ends of the veth;
   * a cgroup per node under /sys/fs/cgroup/unified/lbctl-lab-<prefix>/ (never the root cgroup):
-    where the node's host processes run, and where its agent attaches socket programs.
+    where the node's host processes run, and where its agent attaches socket programs;
+  * with ``kubernetes`` and several nodes, one relay process per node namespace
+    (lbctl.lab.relay): the API server's 127.0.0.1:PORT inside the node forwarded to the root
+    namespace's, so the admin kubeconfig works in every node as on the host.
 
 State lives in /run/lbctl/lab-<prefix>.json, so `lbctl lab down` in another process undoes exactly
 what `lbctl lab up` made. lab_up on a prefix whose lab is already up tears that lab down first.
@@ -69,6 +72,7 @@ import yaml
 
 from lbctl.lab import kube, netns
 from lbctl.lab.client import Outcome, tcp_request, udp_request
+from lbctl.lab.relay import Relay
 
 RUN_DIR = Path("/run/lbctl")
 NODE_NAME = "lab-node"                 # the first node's name (the only one's, by default)
@@ -352,6 +356,7 @@ class Made:
     cgroups: list[str] = field(default_factory=list)          # made in this order
     servers: dict[str, int] = field(default_factory=dict)   # pod -> labserver pid
     kube_dir: str | None = None            # the control plane's work dir (lbctl.lab.kube)
+    relays: dict[str, int] = field(default_factory=dict)    # node netns -> API server relay pid
 
 
 @dataclass
@@ -577,7 +582,22 @@ def build(state: LabState) -> None:
     if spec.kubernetes:
         made.kube_dir = str(work_dir(spec.prefix) / "kube")
         state.save()
-        kube.lab_up(state, Path(made.kube_dir))
+        cp = kube.lab_up(state, Path(made.kube_dir))
+        start_relays(state, cp.state.apiserver_port)
+
+
+def start_relays(state: LabState, port: int) -> None:
+    """In each node namespace, 127.0.0.1:port relayed to the API server on the root namespace's
+    loopback (lbctl.lab.relay): the admin kubeconfig then works unchanged inside the nodes (a
+    real kube-proxy, an agent --source kubernetes), as a kind node's reaches its API server.
+    Like the control plane, the relays outlive `lbctl lab up`; teardown stops them."""
+    for node in state.node_list():
+        if node.ns:
+            relay = Relay(node.ns, port, log=work_dir(state.prefix) / "logs" / f"relay-{node.name}.log",
+                          tie_to_parent=False).start()
+            assert relay.pid is not None
+            state.made.relays[node.ns] = relay.pid
+            state.save()
 
 
 def root_node_setup(state: LabState) -> None:
@@ -783,6 +803,9 @@ def teardown(state: LabState) -> None:
         except (OSError, netns.NetnsError, kube.ControlPlaneError) as exc:
             errors.append(f"{what}: {exc}")
 
+    for ns, pid in made.relays.items():
+        if any("lbctl.lab.relay" in arg for arg in netns.process_cmdline(pid)):
+            attempt(f"stop the API server relay of {ns} (pid {pid})", netns.stop_process, pid)
     if made.kube_dir:
         attempt("stop the control plane", kube.lab_down, Path(made.kube_dir))
     for pod, pid in made.servers.items():

@@ -234,12 +234,23 @@ def _die_with_parent() -> None:
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def spawn(argv: list[str], log: Path, tie_to_parent: bool) -> int:
-    """Start argv in its own session with output to log; return its pid. Stop: netns.stop_process."""
+def spawn(argv: list[str], log: Path, tie_to_parent: bool, *, env: dict[str, str] | None = None,
+          cgroup: Path | None = None) -> int:
+    """Start argv in its own session with output to log; return its pid. Stop: netns.stop_process.
+
+    tie_to_parent: SIGKILL when the thread that started it exits (PR_SET_PDEATHSIG follows the
+    thread, not the process). cgroup: a cgroup v2 directory the process runs in from its first
+    instruction (its pid written into cgroup.procs before exec)."""
+    def before_exec() -> None:
+        if tie_to_parent:
+            _die_with_parent()
+        if cgroup is not None:
+            (cgroup / "cgroup.procs").write_text(f"{os.getpid()}\n")
+
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                start_new_session=True, close_fds=True,
-                                preexec_fn=_die_with_parent if tie_to_parent else None)
+                                start_new_session=True, close_fds=True, env=env,
+                                preexec_fn=before_exec if tie_to_parent or cgroup else None)
     # The pid is what we keep (another process may stop it); forget the Popen without a warning.
     proc.returncode = 0
     return proc.pid
