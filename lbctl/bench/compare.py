@@ -423,9 +423,9 @@ class RealKubeProxy(Proxy):
 
         self.mode = mode
         self.impl = KubeProxy(bin_dir=kube.binaries_dir(), mode=KUBE_PROXY_MODES[mode],
-                              netns=node.ns, node_name=node.name, node_ip=node.ip,
+                              ns=node.ns, node_name=node.name, node_ip=node.ip,
                               cluster_cidr=state.spec.cluster_cidr, kubeconfig=kubeconfig,
-                              work_dir=work_dir / mode, cgroup=cgroup)
+                              work_dir=work_dir / mode)
         self.log = self.impl.log
 
     @property
@@ -437,7 +437,8 @@ class RealKubeProxy(Proxy):
         self.metrics_url = self.impl.metrics_url
 
     def check(self) -> None:
-        self.impl.check()
+        if not self.impl.running():
+            raise CompareError(f"{self.mode}: kube-proxy exited: {lab.log_tail(self.log)} (log {self.log})")
 
     def metrics(self) -> str:
         return str(self.impl.metrics())
@@ -533,12 +534,12 @@ def load_run(kind: str, client: netns.Pod, targets: list[str], spec: CompareSpec
     kernel = delta["system"] + delta["softirq"] + delta["irq"] - bg
     return Run(kind=kind, offered_rate=rate, achieved_rate=result.achieved_rate, connections=ok,
                errors=dict(result.errors), elapsed_s=result.elapsed_s,
-               connect_us=dict(result.connect_us), request_us=dict(result.request_us),
+               connect_us=asdict(result.connect_us), request_us=asdict(result.request_us),
                cpu_ticks=delta, background_system_ticks=bg,
                proxy_cpu_s=(px_after - px_before) / CLK_TCK,
                cpu_us_per_conn=kernel * tick_us / ok if ok else None,
                user_us_per_conn=(delta["user"] + delta["nice"]) * tick_us / ok if ok else None,
-               samples=result.samples_dict())
+               samples=asdict(result.samples) if result.samples else {})
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -658,7 +659,8 @@ def run_compare(spec: CompareSpec, bar: Bar, work_dir: Path | None = None) -> Re
         kubeconfig = cp.kubeconfig
         for name in spec.backends:
             pod = state.pods[name]
-            servers.append(load.start_nginx(netns.enter_argv(pod.ns), pod.ip, NGINX_PORT, body=name))
+            servers.append(load.start_nginx(netns.enter_argv(pod.ns), pod.ip, NGINX_PORT, body=name,
+                                            workdir=logs / f"nginx-{name}"))
         cp.kubectl("create", "namespace", SYNTHETIC_NAMESPACE)
         cp.kubectl("apply", "-f", "-", input=json.dumps(nginx_service()))
         cp.wait_for_endpoints({("default", "nginx"): spec.backends}, time.monotonic() + 60)
@@ -690,7 +692,7 @@ def run_compare(spec: CompareSpec, bar: Bar, work_dir: Path | None = None) -> Re
         if probe is not None:
             probe.stop()
         for server in servers:
-            load.stop_nginx(server)
+            server.stop()
         lab.lab_down(spec.prefix)
         tmp.cleanup()
     report.seconds = time.monotonic() - started
