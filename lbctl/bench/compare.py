@@ -63,6 +63,7 @@ machine, tool versions), compare.md (tables, targets met or missed), and PNG plo
 """
 from __future__ import annotations
 
+import abc
 import argparse
 import contextlib
 import ipaddress
@@ -330,7 +331,7 @@ class MemoryCgroup:
 # --- the proxies under test ----------------------------------------------------------------------
 
 
-class Proxy:
+class Proxy(abc.ABC):
     """A proxy process on node 0: started, asked for its metrics, stopped and cleaned up."""
 
     mode: str
@@ -341,8 +342,9 @@ class Proxy:
     def pid(self) -> int:
         return self.proc.pid if self.proc else 0
 
+    @abc.abstractmethod
     def start(self) -> None:
-        raise NotImplementedError(type(self).__name__)
+        """Start the process (it programs node 0 from the API server)."""
 
     def check(self) -> None:
         if self.proc is not None and self.proc.poll() is not None:
@@ -360,8 +362,9 @@ class Proxy:
     def histogram(self, name: str) -> dict[str, Any]:
         return k8s.parse_histogram(self.metrics(), name)
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError(type(self).__name__)
+        """Stop it and remove everything it programmed."""
 
 
 def in_cgroup(cgroup: Path | None, argv: list[str]) -> list[str]:
