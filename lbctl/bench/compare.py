@@ -101,7 +101,6 @@ SYNTHETIC_BASE = ipaddress.IPv4Address("10.100.16.0")     # + i
 SYNTHETIC_LIMIT = 65536 - 16 * 256 - 2
 NGINX_VIP = "10.100.0.11"
 WEB_VIP = "10.100.0.10"                                  # the lab server's: the probe's target
-BURST_LABEL = k8s.BURST_LABEL
 MEMCG_ROOT = Path("/sys/fs/cgroup/memory")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SETTLE_CPU_SECONDS = 0.02        # proxy CPU per second below which it counts as idle
@@ -495,19 +494,17 @@ def kernel_objects(node: lab.Node, mode: str, pin_dir: str | None) -> dict[str, 
 
 
 def leftovers(node: lab.Node) -> list[str]:
-    """What a proxy left in node 0 after it was stopped and cleaned up."""
-    left = []
-    if re.search(r"^:KUBE-", node_run(node, "iptables-save", check=False), re.M):
-        left.append("KUBE- iptables chains")
+    """What a proxy left in node 0 after it was stopped and cleaned up: kube-proxy's objects
+    (lbctl.lab.kubeproxy.leftovers: its modes and lbctl's renderings share them), lbctl's nft
+    table, XDP and tc programs."""
+    from lbctl.lab import kubeproxy
+
+    left = kubeproxy.leftovers(node.ns)
     tables = node_run(node, "nft", "list", "tables", check=False)
-    left += [t for t in tables.splitlines() if "kube-proxy" in t or "lbctl" in t]
-    links = node_run(node, "ip", "-o", "link", "show", check=False)
-    if "kube-ipvs0" in links:
-        left.append("kube-ipvs0")
-    if " xdp" in links:
+    left += [t for t in tables.splitlines() if "lbctl" in t]
+    if " xdp" in node_run(node, "ip", "-o", "link", "show", check=False):
         left.append("an XDP program")
-    filters = node_run(node, "tc", "filter", "show", "dev", node.uplink, "ingress", check=False)
-    if "bpf" in filters:
+    if "bpf" in node_run(node, "tc", "filter", "show", "dev", node.uplink, "ingress", check=False):
         left.append(f"tc filters on {node.uplink}")
     return left
 
@@ -586,24 +583,9 @@ def synthetic_vip(i: int) -> str:
 def synthetic_objects(first: int, count: int, endpoints: Sequence[str]) -> list[tuple[dict, dict]]:
     """Selector-less services bench/svc-NNNNNN (port 80 -> 80) whose one EndpointSlice lists
     the real nginx pods: every synthetic service answers, with len(endpoints) endpoints."""
-    pairs = []
-    for i in range(first, first + count):
-        name = f"svc-{i:06d}"
-        labels = {BURST_LABEL: "synthetic"}
-        service = {"apiVersion": "v1", "kind": "Service",
-                   "metadata": {"name": name, "namespace": SYNTHETIC_NAMESPACE, "labels": labels},
-                   "spec": {"clusterIP": synthetic_vip(i), "ports": [
-                       {"name": "http", "port": NGINX_PORT, "targetPort": NGINX_PORT, "protocol": "TCP"}]}}
-        slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-                  "metadata": {"name": f"{name}-1", "namespace": SYNTHETIC_NAMESPACE, "labels": {
-                      **labels, "kubernetes.io/service-name": name,
-                      "endpointslice.kubernetes.io/managed-by": "lbctl-bench"}},
-                  "addressType": "IPv4",
-                  "ports": [{"name": "http", "port": NGINX_PORT, "protocol": "TCP"}],
-                  "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}
-                                for ip in endpoints]}
-        pairs.append((service, slice_))
-    return pairs
+    return k8s.synthetic_objects(SYNTHETIC_NAMESPACE, first, count, vip=synthetic_vip,
+                                 endpoints=lambda i: list(endpoints), limit=SYNTHETIC_LIMIT,
+                                 target_port=NGINX_PORT)
 
 
 def nginx_service() -> dict:
@@ -1009,6 +991,15 @@ def targets(report: Report) -> list[str]:
     return out
 
 
+def style(ax: Any, title: str, xlabel: str) -> None:
+    """A services axis (log), title, grid and legend: every plot of this report alike."""
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def plot(report: Report, out_dir: Path) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
@@ -1039,11 +1030,7 @@ def plot(report: Report, out_dir: Path) -> list[Path]:
                 hi.append((value[2] - value[0]) * scale)
             if xs:
                 ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", capsize=3, label=mode)
-        ax.set_xscale("log")
-        ax.set_xlabel("services (10 endpoints each)")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        style(ax, title, f"services ({report.spec['endpoints']} endpoints each)")
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=100)
@@ -1063,12 +1050,8 @@ def plot(report: Report, out_dir: Path) -> list[Path]:
             a2.plot(*zip(*change), marker="o", label=mode)
     for ax, title in ((a1, "start to serving every service (s)"),
                       (a2, "endpoint change to traffic moved, p99 (ms)")):
-        ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("services")
-        ax.set_title(title)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        style(ax, title, "services")
     fig.tight_layout()
     path = out_dir / "compare-control-plane.png"
     fig.savefig(path, dpi=100)

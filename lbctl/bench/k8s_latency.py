@@ -164,11 +164,21 @@ def synthetic_vip(index: int) -> str:
     return str(SYNTHETIC_VIPS + index)
 
 
-def synthetic_objects(namespace: str, first: int, count: int) -> list[tuple[dict, dict]]:
+def fake_endpoint(index: int) -> list[str]:
+    """Synthetic service i's one endpoint, in FAKE_ENDPOINTS (no pod has it)."""
+    return [str(FAKE_ENDPOINTS.network_address + 1 + index)]
+
+
+def synthetic_objects(namespace: str, first: int, count: int, *,
+                      vip: Callable[[int], str] = synthetic_vip,
+                      endpoints: Callable[[int], list[str]] = fake_endpoint,
+                      limit: int = SYNTHETIC_LIMIT,
+                      target_port: int = TARGET_PORT) -> list[tuple[dict, dict]]:
     """(Service, EndpointSlice) pairs i = first..first+count-1: selector-less ClusterIP
-    services, one endpoint each in FAKE_ENDPOINTS."""
-    if first + count > SYNTHETIC_LIMIT:
-        raise BenchError(f"{first + count:,} synthetic services: at most {SYNTHETIC_LIMIT:,} fit "
+    services at vip(i), port 80 -> target_port, one EndpointSlice each listing endpoints(i)
+    (by default one in FAKE_ENDPOINTS)."""
+    if first + count > limit:
+        raise BenchError(f"{first + count:,} synthetic services: at most {limit:,} fit "
                          f"in the service CIDR")
     pairs = []
     for i in range(first, first + count):
@@ -176,16 +186,15 @@ def synthetic_objects(namespace: str, first: int, count: int) -> list[tuple[dict
         labels = {BURST_LABEL: "synthetic"}
         service = {"apiVersion": "v1", "kind": "Service",
                    "metadata": {"name": name, "namespace": namespace, "labels": labels},
-                   "spec": {"clusterIP": synthetic_vip(i), "ports": [
-                       {"name": "http", "port": SERVICE_PORT, "targetPort": TARGET_PORT, "protocol": "TCP"}]}}
-        endpoint = str(FAKE_ENDPOINTS.network_address + 1 + i)
+                   "spec": {"clusterIP": vip(i), "ports": [
+                       {"name": "http", "port": SERVICE_PORT, "targetPort": target_port, "protocol": "TCP"}]}}
         slice_ = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
                   "metadata": {"name": f"{name}-1", "namespace": namespace, "labels": {
                       **labels, "kubernetes.io/service-name": name,
                       "endpointslice.kubernetes.io/managed-by": "lbctl-bench"}},
                   "addressType": "IPv4",
-                  "ports": [{"name": "http", "port": TARGET_PORT, "protocol": "TCP"}],
-                  "endpoints": [{"addresses": [endpoint], "conditions": {"ready": True}}]}
+                  "ports": [{"name": "http", "port": target_port, "protocol": "TCP"}],
+                  "endpoints": [{"addresses": [ip], "conditions": {"ready": True}} for ip in endpoints(i)]}
         pairs.append((service, slice_))
     return pairs
 
@@ -805,7 +814,7 @@ def spec_from_args(args: argparse.Namespace) -> LatencySpec:
         raise BenchError("--services: every count must be at least 1")
     if max(counts) - 1 > SYNTHETIC_LIMIT:
         raise BenchError(f"--services {max(counts):,}: at most {SYNTHETIC_LIMIT + 1:,} fit in the service CIDR")
-    return LatencySpec(counts=counts, changes=args.changes, change_timeout=args.change_timeout)
+    return LatencySpec(counts=counts, changes=args.changes or DEFAULT_CHANGES, change_timeout=args.change_timeout)
 
 
 def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:

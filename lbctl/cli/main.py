@@ -321,8 +321,6 @@ def cmd_bench(args) -> int:
             return 2
         from lbctl.bench.compare import cmd_bench_compare
         return cmd_bench_compare(args)
-    if args.changes is None:
-        args.changes = 20
     if args.k8s_latency:
         if args.modes:
             print("lbctl bench: --k8s-latency and --modes are two benchmarks; give one", file=sys.stderr)
