@@ -81,3 +81,23 @@ def test_nft_elements_compare_as_sets_and_counters_handles_go():
     assert summary(compare_rules(REAL_NFT, hooked, "nftables")) == [
         "ip kube-proxy/masquerading: only the real kube-proxy: [type nat hook postrouting priority srcnat; policy accept;]",
         "ip kube-proxy/masquerading: only lbctl: [type nat hook postrouting priority 100; policy accept;]"]
+
+
+SERVICES_IPT = """*nat
+:KUBE-SERVICES - [0:0]
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-AAA
+-A KUBE-SERVICES -d 10.96.0.10/32 -p tcp -m comment --comment "default/web:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
+-A KUBE-SERVICES -d 10.96.0.53/32 -p udp -m comment --comment "default/dns:dns cluster IP" -m udp --dport 53 -j KUBE-SVC-BBB
+-A KUBE-SERVICES -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+COMMIT
+"""
+
+
+def test_kube_services_is_compared_per_service_because_kube_proxy_writes_it_in_map_order():
+    lines = SERVICES_IPT.splitlines()
+    services_swapped = "\n".join([*lines[:2], lines[4], lines[2], lines[3], *lines[5:]]) + "\n"
+    assert compare_rules(SERVICES_IPT, services_swapped, "iptables")["same"]
+    within_swapped = "\n".join([*lines[:2], lines[3], lines[2], *lines[4:]]) + "\n"
+    assert compare_rules(SERVICES_IPT, within_swapped, "iptables")["order"] == ["nat/KUBE-SERVICES"]
+    nodeports_first = "\n".join([*lines[:2], lines[5], *lines[2:5], *lines[6:]]) + "\n"
+    assert compare_rules(SERVICES_IPT, nodeports_first, "iptables")["order"] == ["nat/KUBE-SERVICES"]

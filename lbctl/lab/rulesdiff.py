@@ -37,6 +37,12 @@ KINDS = ("iptables", "nftables")
 BUILTIN = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}
 _COUNTER = re.compile(r"\bcounter packets \d+ bytes \d+")
 _HANDLE = re.compile(r"\s*# handle \d+$")
+# Chains kube-proxy's iptables mode writes service by service in Go map order, which is random
+# from one sync to the next: their order is compared within each service (the rules sharing a
+# comment) and for the comment-less rules counted from the chain's end (KUBE-SERVICES' jump to
+# KUBE-NODEPORTS is last), never across services.
+MAP_ORDER_CHAINS = {"nat/KUBE-SERVICES", "nat/KUBE-NODEPORTS", "filter/KUBE-SERVICES",
+                    "filter/KUBE-EXTERNAL-SERVICES", "filter/KUBE-NODEPORTS", "filter/KUBE-FIREWALL"}
 
 
 @dataclass
@@ -226,7 +232,8 @@ def _diff_chain(chain: str, real: list[tuple[str, str]], ours: list[tuple[str, s
     if only_ours:
         report["rules"]["only_lbctl"][chain] = [b for b in dict.fromkeys(b for b, _ in ours) if b in only_ours]
     common = rb & ob
-    if [b for b, _ in real if b in common] != [b for b, _ in ours if b in common]:
+    if _order(chain, [(b, c) for b, c in real if b in common]) != \
+            _order(chain, [(b, c) for b, c in ours if b in common]):
         report["order"].append(chain)
     comments = []
     for body in common:
@@ -235,6 +242,19 @@ def _diff_chain(chain: str, real: list[tuple[str, str]], ours: list[tuple[str, s
         comments += [[r, o] for r, o in zip(rc, oc) if r != o]
     if comments:
         report["comments"][chain] = comments
+
+
+def _order(chain: str, rules: list[tuple[str, str]]) -> Any:
+    """What of a chain's order means something: all of it, or for MAP_ORDER_CHAINS the order
+    within each service and the comment-less rules' positions from the end."""
+    if chain not in MAP_ORDER_CHAINS:
+        return [b for b, _ in rules]
+    groups: dict[str, list[str]] = {}
+    for body, comment in rules:
+        if comment:
+            groups.setdefault(comment, []).append(body)
+    tail = [(len(rules) - i, body) for i, (body, comment) in enumerate(rules) if not comment]
+    return sorted(groups.items()), tail
 
 
 def summary(report: dict[str, Any]) -> list[str]:
