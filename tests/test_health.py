@@ -178,3 +178,20 @@ def test_bind_addresses(text, expected):
 def test_bad_bind_addresses(text):
     with pytest.raises(ValueError, match="not an address with a port"):
         health.split_host_port(text)
+
+
+def test_binding_a_listener_never_asks_the_resolver(monkeypatch):
+    """http.server's server_bind looks the address up (getfqdn): in a node without DNS that held
+    `lbctl run` for the resolver's timeout (10 s) before it programmed anything."""
+    import socket as socket_module
+
+    from lbctl.agent import health as health_module
+
+    def no_resolver(*_args):
+        raise AssertionError("the resolver was asked")
+    monkeypatch.setattr(socket_module, "getfqdn", no_resolver)
+    server = health_module._Server(("127.0.0.1", 0), health_module.JsonHandler)
+    try:
+        assert server.server_name == "127.0.0.1" and server.server_port > 0
+    finally:
+        server.server_close()

@@ -24,6 +24,7 @@ import datetime
 import http.server
 import logging
 import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -175,6 +176,14 @@ class _Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], handler):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        # http.server's server_bind asks the resolver for the address's name (getfqdn): with a
+        # node IP and no DNS answering that held the agent's start for the resolver's timeout
+        # (10 s in a lab node). The name is only for CGI's SERVER_NAME: the address will do.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
 
 
 class JsonHandler(http.server.BaseHTTPRequestHandler):
