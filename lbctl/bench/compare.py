@@ -284,7 +284,13 @@ def others_system_ticks(skip: frozenset[str] = frozenset(LOAD_COMMS)) -> int:
     datapath (the control plane, the proxy and the iptables-restore or nft it runs, whatever
     else the machine does). Kernel threads stay in: softirq work deferred to ksoftirqd and
     kworkers is the datapath's."""
-    total = 0
+    return sum(ticks for comm, ticks in user_system_ticks().values() if comm not in skip)
+
+
+def user_system_ticks() -> dict[int, tuple[str, int]]:
+    """pid -> (command name, system ticks own and of reaped children) of every user-space
+    process but this one."""
+    out = {}
     me = os.getpid()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
@@ -297,10 +303,10 @@ def others_system_ticks(skip: frozenset[str] = frozenset(LOAD_COMMS)) -> int:
         comm = text[text.index("(") + 1:text.rindex(")")]
         fields = text[text.rindex(")") + 2:].split()
         # fields[6] = flags (stat field 9); fields[12], fields[14] = stime, cstime (15, 17)
-        if comm in skip or int(fields[6]) & PF_KTHREAD:
+        if int(fields[6]) & PF_KTHREAD:
             continue
-        total += int(fields[12]) + int(fields[14])
-    return total
+        out[int(entry.name)] = (comm, int(fields[12]) + int(fields[14]))
+    return out
 
 
 def rss_bytes(pid: int) -> int:
