@@ -9,17 +9,18 @@ PY        := $(VENV)/bin/python
 KVER      := $(shell uname -r)
 KDIR      := /lib/modules/$(KVER)
 APT_PKGS  := python3-bpfcc libbpfcc linux-headers-amd64 python3-venv iproute2 iptables nftables ipset conntrack \
-             gcc libc6-dev nginx-light wrk
+             gcc libc6-dev nginx-light wrk curl
 CC        := gcc
 CONNLOAD  := build/connload
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench-quick bench-modes bench-k8s bench-tools clean k8s-bins demo-k8s
+.PHONY: help setup apt-deps kernel-headers venv demo lint test test-unit bench bench-quick bench-modes bench-k8s bench-tools clean k8s-bins demo-k8s
 
 help:
 	@echo "make demo        lab + agent + traffic + 'lbctl dump maps' (KEEP=1 leaves the lab up)"
 	@echo "make test        the whole suite (root: BPF programs and network namespaces)"
+	@echo "make bench       eBPF vs the real kube-proxy (iptables, nftables) vs direct: docs/benchmarks/ (< 15 min)"
 	@echo "make bench-quick ns/packet through BPF_PROG_TEST_RUN at 10 and 100,000 services"
 	@echo "make bench-modes eBPF vs iptables vs nftables vs no load balancer, real connections"
 	@echo "make bench-tools build/connload, the C load generator the benchmarks run (tools/connload.c)"
@@ -90,6 +91,17 @@ bench-tools: $(CONNLOAD)
 $(CONNLOAD): tools/connload.c | apt-deps
 	@mkdir -p $(@D)
 	$(CC) -O2 -Wall -Wextra -pthread -o $@ $< -lm
+
+# The benchmark of record (docs/benchmarks.md): eBPF against the real kube-proxy binary in
+# iptables and nftables mode, lbctl's own renderings and no proxy at all, over 1, 1,000 and
+# 10,000 services x 10 endpoints, then the per-packet cost of the BPF programs through
+# BPF_PROG_TEST_RUN up to 50,000 services. Raw samples, tables and plots in $(BENCH_OUT).
+# BENCH_ARGS="--services 1,1000,10000,50000 --mode-max ..." for the long curves.
+BENCH_OUT  ?= docs/benchmarks
+BENCH_ARGS ?= --services 1,1000,10000 --runs 3 --duration 3 --changes 5
+bench: setup k8s-bins bench-tools
+	$(VENV)/bin/lbctl bench --compare --out-dir $(BENCH_OUT) $(BENCH_ARGS)
+	$(VENV)/bin/lbctl bench --services 1,1000,10000,50000 --backends 10 --json --plot $(BENCH_OUT)/prog.png > $(BENCH_OUT)/prog.json
 
 bench-modes: setup bench-tools
 	$(VENV)/bin/lbctl bench --modes none,ebpf,iptables,nftables --services 10,1000,10000 --nodes 2 --plot out/bench-modes.png
