@@ -63,7 +63,11 @@ def test_status_file_after_each_sync(agent_run_dir):
     assert data["last_sync"]["result"] == "failed" and data["last_sync"]["errors"] == ["iptables-restore: exit 1"]
     assert data["counts"]["services"] == 2 and data["syncs"] == {"change": 1, "retry": 1, "resync": 0}
     assert data["last_successful_sync"] is not None and data["problems"] == []
-    assert not [n for n in os.listdir(agent_run_dir) if n.endswith(".tmp")], "written atomically"
+    # this agent's file only: the run directory is shared with other tests' agents (a SIGKILLed
+    # one in the restart suite may leave its own temporary file)
+    mine = os.path.basename(path)
+    assert not [n for n in os.listdir(agent_run_dir) if n.startswith(mine) and n.endswith(".tmp")], \
+        "written atomically"
 
     text = status.format_status(data, running=False)
     assert "NOT RUNNING" in text and "manifests /etc/lbctl" in text and "retry" in text
