@@ -43,7 +43,8 @@ Per N and mode, the proxy is started on an empty node, and then:
               open-loop C client, HTTP GET with Connection: close against nginx): the machine's
               system+softirq+irq CPU time from /proc/stat over the run, minus the system time
               of every user-space process but the load's client and servers (the control plane,
-              the proxy, anything else running: others_system_ticks), per answered connection; connect and request latency p50/p99 of every connection
+              the proxy, anything else running: others_system_ticks), per answered
+              connection; connect and request latency p50/p99 of every connection
     max       the closed-loop rate (--concurrency connections in flight) for --duration s
     memory    the proxy's RSS and its memory cgroup's kernel memory (cgroup v1 memory
               controller: the proxy and every iptables-restore/nft it runs are in it, and
@@ -262,23 +263,33 @@ def cpu_ticks() -> dict[str, int]:
     return dict(zip(CPU_FIELDS, (int(x) for x in parts[1:1 + len(CPU_FIELDS)])))
 
 
-def process_ticks(pid: int) -> tuple[int, int]:
-    """(user, system) ticks of pid and its reaped children (0, 0 when it is gone)."""
+def stat_fields(pid: int | str) -> tuple[str, list[str]] | None:
+    """(command name, the fields after it) of /proc/<pid>/stat; None when it is gone. The
+    fields list starts at stat field 3 (state): field k is fields[k - 3]."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             text = f.read()
     except OSError:
+        return None
+    end = text.rindex(")")
+    return text[text.index("(") + 1:end], text[end + 2:].split()
+
+
+def process_ticks(pid: int) -> tuple[int, int]:
+    """(user, system) ticks of pid and its reaped children (0, 0 when it is gone)."""
+    stat = stat_fields(pid)
+    if stat is None:
         return 0, 0
-    fields = text[text.rindex(")") + 2:].split()
+    fields = stat[1]
     # fields[11..14] = utime stime cutime cstime (stat fields 14..17)
     return int(fields[11]) + int(fields[13]), int(fields[12]) + int(fields[14])
 
 
 PF_KTHREAD = 0x00200000
-LOAD_COMMS = {"nginx", "connload"}     # the load's own client and servers: the datapath's users
+LOAD_COMMS = frozenset({"nginx", "connload"})   # the load's own client and servers
 
 
-def others_system_ticks(skip: frozenset[str] = frozenset(LOAD_COMMS)) -> int:
+def others_system_ticks(skip: frozenset[str] = LOAD_COMMS) -> int:
     """System ticks (own and reaped children's) of every user-space process but the load's
     client and servers and this one: what /proc/stat's system time holds that is not the
     datapath (the control plane, the proxy and the iptables-restore or nft it runs, whatever
@@ -295,13 +306,10 @@ def user_system_ticks() -> dict[int, tuple[str, int]]:
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit() or int(entry.name) == me:
             continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                text = f.read()
-        except OSError:
+        stat = stat_fields(entry.name)
+        if stat is None:
             continue
-        comm = text[text.index("(") + 1:text.rindex(")")]
-        fields = text[text.rindex(")") + 2:].split()
+        comm, fields = stat
         # fields[6] = flags (stat field 9); fields[12], fields[14] = stime, cstime (15, 17)
         if int(fields[6]) & PF_KTHREAD:
             continue

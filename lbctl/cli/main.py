@@ -558,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="connections in flight in the max-rate runs (%(default)s)")
     compare.add_argument("--mode-max", default=None, metavar="MODE=N[,MODE=N...]",
                          help="run MODE only up to N services (its rows above say so): "
-                              "iptables-restore of 10,000 services x 10 endpoints took 84 min here")
+                              "one iptables-restore of lbctl's rendering of 10,000 services x 10 "
+                              "endpoints took 84 min here")
     bench.set_defaults(func=cmd_bench)
 
     from lbctl.cli import render as render_cmd

@@ -145,8 +145,8 @@ class KubeProxy:
 
     extra: merged into the KubeProxyConfiguration (nested dicts merge, other values replace):
     {"nftables": {"minSyncPeriod": "0s"}}, {"clientConnection": {"qps": 50, "burst": 100}}.
-    cgroup: a cgroup directory (v2 below /sys/fs/cgroup/unified, or v1 memory) the process runs in from its
-    start, for CPU accounting. tie_to_parent: it dies with the thread that started it.
+    cgroup: a cgroup directory (v2 below /sys/fs/cgroup/unified, or a v1 memory group) the
+    process runs in from its start, for CPU or memory accounting. tie_to_parent: it dies with the thread that started it.
     """
 
     bin_dir: Path

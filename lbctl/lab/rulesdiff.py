@@ -42,7 +42,7 @@ _HANDLE = re.compile(r"\s*# handle \d+$")
 # comment) and for the comment-less rules counted from the chain's end (KUBE-SERVICES' jump to
 # KUBE-NODEPORTS is last), never across services.
 MAP_ORDER_CHAINS = {"nat/KUBE-SERVICES", "nat/KUBE-NODEPORTS", "filter/KUBE-SERVICES",
-                    "filter/KUBE-EXTERNAL-SERVICES", "filter/KUBE-NODEPORTS", "filter/KUBE-FIREWALL"}
+                    "filter/KUBE-EXTERNAL-SERVICES", "filter/KUBE-NODEPORTS"}
 
 
 @dataclass
